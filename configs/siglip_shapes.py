@@ -1,0 +1,28 @@
+"""SigLIP (sigmoid contrastive) dual encoder on `shapes`: the CLIP config with SigLIP's loss,
+temperature init log 10 and learnable bias init -10 (Zhai et al., 2023).
+
+  python -m vlm_jax.train --config=configs/siglip_shapes.py --workdir=runs/siglip_shapes
+
+Variants as in configs/clip_shapes.py ('', 'tiny', 'bench').
+"""
+import importlib.util
+import math
+import os
+
+
+def _clip_config(arg):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'clip_shapes.py')
+  spec = importlib.util.spec_from_file_location('clip_shapes', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def get_config(arg: str | None = None):
+  c = _clip_config(arg)
+  c.loss.name = 'sigmoid'
+  c.model.temperature.init = math.log(10.0)
+  c.model.temperature.max = math.log(1e4)  # released SigLIP scales sit above CLIP's ln 100
+  c.model.temperature.bias_init = -10.0
+  c.model.temperature.learn_bias = True
+  return c

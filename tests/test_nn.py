@@ -1,0 +1,218 @@
+"""Building blocks: attention against NumPy, masks, pooling, scan and remat equivalence."""
+from math import erf, sqrt
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlm_jax import nn as vnn
+
+ALLOWED_AXES = {'embed', 'mlp', 'heads', 'kv', 'vocab', 'joint', 'patch', 'layers', None}
+
+
+def _np_softmax(x, axis=-1):
+  x = x - x.max(axis=axis, keepdims=True)
+  e = np.exp(x)
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+def _np_attention(q, k, v, mask):
+  """q [B, Lq, H, K], k/v [B, Lk, H, K], mask [B, 1, Lq, Lk] -> [B, Lq, H, K]."""
+  out = np.zeros_like(q)
+  for b in range(q.shape[0]):
+    for h in range(q.shape[2]):
+      logits = q[b, :, h] @ k[b, :, h].T / np.sqrt(q.shape[-1])  # [Lq, Lk]
+      logits = np.where(mask[b, 0], logits, -1e30)
+      out[b, :, h] = _np_softmax(logits) @ v[b, :, h]
+  return out
+
+
+def _random_params(variables, seed=0):
+  """Perturbs every leaf (random init leaves biases at zero and hides mistakes)."""
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda x: x + 0.1 * rng.randn(*x.shape).astype(np.float32), variables)
+
+
+def test_masks():
+  np.testing.assert_array_equal(vnn.causal_mask(3)[0, 0], np.tril(np.ones((3, 3), bool)))
+  key_mask = jnp.array([[True, True, False], [True, False, False]])
+  pad = vnn.padding_mask(key_mask)
+  assert pad.shape == (2, 1, 1, 3) and pad.dtype == bool
+  both = vnn.combine_masks(vnn.causal_mask(3), pad, None)
+  assert both.shape == (2, 1, 3, 3)
+  np.testing.assert_array_equal(both[1, 0], [[1, 0, 0], [1, 0, 0], [1, 0, 0]])
+  assert vnn.combine_masks(None, None) is None
+  assert vnn.padding_mask(key_mask, key_mask).shape == (2, 1, 3, 3)
+
+
+def test_self_attention_matches_numpy():
+  b, l, d, h = 2, 5, 12, 3
+  x = jax.random.normal(jax.random.key(0), (b, l, d))
+  mask = jax.random.bernoulli(jax.random.key(1), 0.6, (b, 1, l, l))
+  mask = mask.at[..., 0].set(True)  # every query sees at least one key
+  module = vnn.MultiHeadAttention(num_heads=h)
+  params = _random_params(nn.unbox(jax.jit(module.init)(jax.random.key(2), x)))['params']
+  y = jax.jit(module.apply)({'params': params}, x, mask=mask)
+  p = jax.tree.map(np.asarray, params)
+  xn = np.asarray(x)
+  qkv = np.einsum('bld,dthk->blthk', xn, p['qkv_kernel']) + p['qkv_bias']
+  out = _np_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], np.asarray(mask))
+  expected = np.einsum('blhk,hkd->bld', out, p['out_kernel']) + p['out_bias']
+  np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_cross_attention_matches_numpy():
+  b, lq, lk, d, dkv, h = 2, 3, 4, 8, 6, 2
+  xq = jax.random.normal(jax.random.key(0), (b, lq, d))
+  xkv = jax.random.normal(jax.random.key(1), (b, lk, dkv))
+  key_mask = jnp.array([[True, True, True, False], [True, False, True, True]])
+  mask = vnn.padding_mask(key_mask)
+  module = vnn.MultiHeadAttention(num_heads=h)
+  params = _random_params(nn.unbox(jax.jit(module.init)(jax.random.key(2), xq, xkv)))['params']
+  assert params['query_kernel'].shape == (d, h, d // h)
+  assert params['kv_kernel'].shape == (dkv, 2, h, d // h)
+  y = jax.jit(module.apply)({'params': params}, xq, xkv, mask=mask)
+  assert y.shape == (b, lq, d)
+  p = jax.tree.map(np.asarray, params)
+  q = np.einsum('bld,dhk->blhk', np.asarray(xq), p['query_kernel']) + p['query_bias']
+  kv = np.einsum('bld,dthk->blthk', np.asarray(xkv), p['kv_kernel']) + p['kv_bias']
+  full = np.broadcast_to(np.asarray(mask), (b, 1, lq, lk))
+  out = _np_attention(q, kv[:, :, 0], kv[:, :, 1], full)
+  expected = np.einsum('blhk,hkd->bld', out, p['out_kernel']) + p['out_bias']
+  np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_activations():
+  x = jnp.linspace(-4.0, 4.0, 9)
+  np.testing.assert_allclose(vnn.quick_gelu(x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)
+  exact = [v * 0.5 * (1 + erf(v / sqrt(2))) for v in np.asarray(x)]
+  np.testing.assert_allclose(vnn.activation_fn('gelu')(x), exact, atol=1e-6)
+  with pytest.raises(ValueError, match='accepted: gelu, quick_gelu'):
+    vnn.activation_fn('relu6')
+
+
+def _encoder(**kw):
+  return vnn.Encoder(**{'depth': 2, 'num_heads': 2, 'mlp_dim': 32, **kw})
+
+
+def test_causal_mask_blocks_future_tokens():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+  module = _encoder()
+  variables = _random_params(nn.unbox(jax.jit(module.init)(jax.random.key(1), x)))
+  mask = vnn.causal_mask(6)
+  apply = jax.jit(module.apply)
+  y = apply(variables, x, mask)
+  i = 2
+  x2 = x.at[:, i + 1:].add(jax.random.normal(jax.random.key(3), (2, 6 - i - 1, 16)))
+  y2 = apply(variables, x2, mask)
+  np.testing.assert_allclose(y2[:, :i + 1], y[:, :i + 1], atol=1e-6)
+  assert not np.allclose(y2[:, i + 1:], y[:, i + 1:])
+
+
+def test_padding_mask_hides_padding_tokens():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  real = jnp.array([[True] * 3 + [False] * 2, [True] * 5])
+  module = _encoder()
+  variables = jax.jit(module.init)(jax.random.key(1), x)
+  mask = vnn.padding_mask(real)
+  apply = jax.jit(module.apply)
+  y = apply(variables, x, mask)
+  x2 = jnp.where(real[..., None], x, 5.0 * x[:, ::-1])
+  y2 = apply(variables, x2, mask)
+  np.testing.assert_allclose(y2[0, :3], y[0, :3], atol=1e-6)
+  np.testing.assert_allclose(y2[1], y[1], atol=1e-6)
+
+
+def test_pooling_matches_numpy():
+  x = np.random.RandomState(0).randn(3, 5, 4).astype(np.float32)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+  np.testing.assert_array_equal(vnn.eot_index(mask), [2, 4, 0])
+  expected = np.stack([x[b, mask[b].sum() - 1] for b in range(3)])
+  np.testing.assert_array_equal(vnn.eot_pool(jnp.asarray(x), jnp.asarray(mask)), expected)
+  np.testing.assert_array_equal(vnn.cls_pool(jnp.asarray(x)), x[:, 0])
+  mean = np.stack([x[b, mask[b]].mean(0) for b in range(3)])
+  np.testing.assert_allclose(vnn.mean_pool(jnp.asarray(x), jnp.asarray(mask)), mean,
+                             rtol=1e-6)
+
+
+def test_map_head():
+  x = jax.random.normal(jax.random.key(0), (3, 7, 16))
+  head = vnn.MAPHead(num_heads=2, mlp_dim=32)
+  variables = jax.jit(head.init)(jax.random.key(1), x)
+  apply = jax.jit(head.apply)
+  assert apply(variables, x).shape == (3, 16)
+  mask = jnp.arange(7)[None] < jnp.array([[7], [4], [1]])  # [3, 7]
+  ym = apply(variables, x, mask)
+  x2 = jnp.where(mask[..., None], x, 100.0)
+  np.testing.assert_allclose(apply(variables, x2, mask), ym, atol=1e-5)
+
+
+def test_sincos_posemb():
+  pe = vnn.posemb_sincos_2d(2, 3, 8)
+  assert pe.shape == (1, 6, 8)
+  np.testing.assert_allclose(pe[0, 0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)
+  with pytest.raises(ValueError, match='divisible by 4'):
+    vnn.posemb_sincos_2d(2, 2, 6)
+
+
+def _loss(module, params, x, mask):
+  return jnp.sum(module.apply({'params': params}, x, mask) ** 2)
+
+
+def test_scan_matches_loop():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  mask = vnn.causal_mask(5)
+  loop, scan = _encoder(depth=3), _encoder(depth=3, scan_layers=True)
+  params = _random_params(nn.unbox(jax.jit(loop.init)(jax.random.key(1), x, mask)))['params']
+  stacked = vnn.stack_layer_params(params, 3)
+  scan_vars = jax.eval_shape(scan.init, jax.random.key(1), x, mask)
+  scan_shapes = jax.tree.map(jnp.shape, nn.unbox(scan_vars))
+  assert jax.tree.map(jnp.shape, stacked) == scan_shapes['params']
+  np.testing.assert_allclose(jax.jit(scan.apply)({'params': stacked}, x, mask),
+                             jax.jit(loop.apply)({'params': params}, x, mask), atol=1e-5)
+  unstacked = vnn.unstack_layer_params(stacked)
+  assert jax.tree.all(jax.tree.map(np.array_equal, unstacked, params))
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_remat_variants_agree(scan_layers):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  mask = vnn.causal_mask(5)
+  base = _encoder(scan_layers=scan_layers)
+  params = _random_params(nn.unbox(jax.jit(base.init)(jax.random.key(1), x, mask)))['params']
+  ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: _loss(base, p, x, mask)))(params)
+  for remat in ('full', 'dots_saveable'):
+    module = _encoder(scan_layers=scan_layers, remat=remat)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: _loss(module, p, x, mask)))(params)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 grads, ref_grads)
+
+
+def test_unknown_remat_is_an_error():
+  with pytest.raises(ValueError, match="accepted: none, full, dots_saveable"):
+    _encoder(remat='some').init(jax.random.key(0), jnp.zeros((1, 2, 16)))
+
+
+def test_dropout_needs_rng_and_changes_output():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  module = _encoder(dropout_rate=0.5, scan_layers=True)
+  variables = jax.jit(module.init)(jax.random.key(1), x)
+  y = jax.jit(module.apply)(variables, x)
+  yd = jax.jit(module.apply, static_argnums=3)(variables, x, None, False,
+                                                rngs={'dropout': jax.random.key(2)})
+  assert not np.allclose(y, yd)
+
+
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_logical_axis_names(scan_layers):
+  x = jnp.zeros((1, 4, 16))
+  module = _encoder(scan_layers=scan_layers)
+  boxed = jax.eval_shape(module.init, jax.random.key(0), x)['params']
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.Partitioned))
+  assert all(isinstance(v, nn.Partitioned) for v in leaves)
+  for v in leaves:
+    assert set(v.names) <= ALLOWED_AXES and len(v.names) == v.value.ndim
+    assert (v.names[0] == 'layers') == scan_layers

@@ -1,0 +1,163 @@
+"""The input pipeline: batches, determinism, exact resume, process sharding, flips, errors."""
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from vlm_jax.data import datasets
+from vlm_jax.data import pipeline
+from vlm_jax.data import shapes
+
+
+@pytest.fixture(scope='module')
+def tok(shapes_small_cfg):
+  return datasets.load_tokenizer(shapes_small_cfg)
+
+
+def _take(iterator, n):
+  return list(itertools.islice(iterator, n))
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_batches(small_data_cfg, tok):
+  batch, = _take(pipeline.make_train_iterator(small_data_cfg, tok, 16, seed=0), 1)
+  assert batch['image'].dtype == np.float32 and batch['image'].shape == (16, 32, 32, 3)
+  assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
+  assert batch['text_ids'].dtype == np.int32 and batch['text_ids'].shape == (16, 16)
+  assert batch['text_mask'].dtype == np.bool_ and batch['text_mask'].shape == (16, 16)
+  assert (batch['text_ids'][:, 0] == tok.bos_id).all()
+  for text in tok.decode_batch(batch['text_ids']):  # mentions a colour and a shape
+    assert set(text.split()) & set(shapes.COLORS) and set(text.split()) & set(shapes.SHAPES)
+
+
+def test_deterministic_for_a_seed(small_data_cfg, tok):
+  a = _take(pipeline.make_train_iterator(small_data_cfg, tok, 32, seed=3), 3)
+  b = _take(pipeline.make_train_iterator(small_data_cfg, tok, 32, seed=3), 3)
+  c = _take(pipeline.make_train_iterator(small_data_cfg, tok, 32, seed=4), 1)
+  _assert_batches_equal(a, b)
+  assert not np.array_equal(a[0]['image'], c[0]['image'])
+
+
+def test_epochs_are_reshuffled_and_complete(small_data_cfg, tok):
+  ds = pipeline.make_train_dataset(small_data_cfg, tok, 64, seed=0)  # 512 examples: 8 / epoch
+  epochs = [np.concatenate([ds[e * 8 + k]['image'] for k in range(8)]) for e in range(2)]
+  keys = [sorted(im.tobytes() for im in images) for images in epochs]
+  assert keys[0] == keys[1] and len(set(keys[0])) == 512  # each example once per epoch
+  assert not np.array_equal(epochs[0], epochs[1])  # in another order
+
+
+def test_resume_is_exact(small_data_cfg, tok):
+  uninterrupted = _take(pipeline.make_train_iterator(small_data_cfg, tok, 32, seed=1), 12)
+  first = pipeline.make_train_iterator(small_data_cfg, tok, 32, seed=1)
+  _take(first, 9)
+  state = json.loads(json.dumps(first.get_state()))  # saved with the checkpoint as JSON
+  resumed = pipeline.make_train_iterator(small_data_cfg, tok, 32, seed=1)
+  resumed.set_state(state)
+  _assert_batches_equal(_take(resumed, 3), uninterrupted[9:])
+
+
+def test_resume_across_epochs(small_data_cfg, tok):
+  uninterrupted = _take(pipeline.make_train_iterator(small_data_cfg, tok, 128, seed=2), 6)
+  first = pipeline.make_train_iterator(small_data_cfg, tok, 128, seed=2)
+  _take(first, 5)  # 640 examples: into the second epoch
+  resumed = pipeline.make_train_iterator(small_data_cfg, tok, 128, seed=2)
+  resumed.set_state(json.loads(json.dumps(first.get_state())))
+  _assert_batches_equal(_take(resumed, 1), uninterrupted[5:])
+
+
+def test_processes_read_disjoint_halves_of_each_global_batch(small_data_cfg, tok):
+  whole = _take(pipeline.make_train_iterator(small_data_cfg, tok, 32, seed=0), 2)
+  halves = [_take(pipeline.make_train_iterator(small_data_cfg, tok, 32, seed=0,
+                                               process_index=p, process_count=2), 2)
+            for p in range(2)]
+  for step in range(2):
+    for k in whole[step]:
+      assert halves[0][step][k].shape[0] == 16
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][step][k], halves[1][step][k]]), whole[step][k])
+
+
+def test_flip_mirrors_images_and_swaps_left_right(small_data_cfg, tok):
+  plain = pipeline.make_train_dataset(small_data_cfg, tok, 64, seed=5)[0]
+  small_data_cfg.flip = True
+  flipped = pipeline.make_train_dataset(small_data_cfg, tok, 64, seed=5)[0]
+  plain_text = tok.decode_batch(plain['text_ids'])
+  flipped_text = tok.decode_batch(flipped['text_ids'])
+  was_flipped = [not np.array_equal(a, b) for a, b in zip(plain['image'], flipped['image'])]
+  assert 10 < sum(was_flipped) < 54
+  for i, f in enumerate(was_flipped):
+    if f:
+      np.testing.assert_array_equal(flipped['image'][i], plain['image'][i][:, ::-1])
+      assert flipped_text[i] == shapes.flip_caption(plain_text[i])
+    else:
+      assert flipped_text[i] == plain_text[i]
+  assert any('left' in t or 'right' in t for t, f in zip(plain_text, was_flipped) if f)
+
+
+def test_bad_batch_sizes(small_data_cfg, tok):
+  with pytest.raises(ValueError, match='divisible by the number of processes'):
+    pipeline.make_train_dataset(small_data_cfg, tok, 30, seed=0, process_count=4)
+  with pytest.raises(ValueError, match='process_index'):
+    pipeline.make_train_dataset(small_data_cfg, tok, 32, seed=0, process_index=2,
+                                process_count=2)
+
+
+def test_eval_examples(small_data_cfg):
+  ex = pipeline.eval_examples(small_data_cfg, 'test_novel')
+  assert ex['image'].shape == (128, 32, 32, 3) and ex['image'].dtype == np.float32
+  assert ex['label'].shape == ex['num_objects'].shape == (128,)
+  assert len(ex['captions']) == len(ex['hard_negative']) == len(ex['questions']) == 128
+  assert isinstance(ex['captions'][0][0], str)
+  few = pipeline.eval_examples(small_data_cfg, 'test_novel', max_examples=10)
+  np.testing.assert_array_equal(few['image'], ex['image'][:10])
+  images = (np.arange(6, dtype=np.uint8) * 51).reshape(1, 1, 2, 3)
+  np.testing.assert_allclose(pipeline.normalize_images(images, small_data_cfg).ravel(),
+                             [-1.0, -0.6, -0.2, 0.2, 0.6, 1.0], atol=1e-6)
+
+
+def test_unknown_split_lists_the_splits(small_data_cfg):
+  with pytest.raises(ValueError, match="'tset'.*'train', 'validation', 'test', 'test_novel'"):
+    pipeline.eval_examples(small_data_cfg, 'tset')
+
+
+def test_unknown_dataset_config_and_size(small_data_cfg):
+  bad = small_data_cfg.copy_and_resolve_references()
+  bad.name = 'shapez'
+  with pytest.raises(ValueError, match=r"'shapez'.*\['shapes'\]"):
+    datasets.get_builder(bad)
+  bad = small_data_cfg.copy_and_resolve_references()
+  bad.builder_config = '48px'
+  with pytest.raises(ValueError, match="'48px'.*'32px'"):
+    datasets.get_builder(bad)
+  small_data_cfg.image_size = 64
+  with pytest.raises(ValueError, match='image_size=32'):
+    pipeline.eval_examples(small_data_cfg, 'test')
+
+
+def test_unwritable_data_dir(small_data_cfg, tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  small_data_cfg.data_dir = str(blocker / 'tfds')
+  with pytest.raises(OSError, match='not a directory.*--config.data.data_dir'):
+    datasets.ensure_built(small_data_cfg)
+  if os.geteuid() != 0:  # root may write anywhere
+    locked = tmp_path / 'locked'
+    locked.mkdir(mode=0o500)
+    small_data_cfg.data_dir = str(locked)
+    with pytest.raises(OSError, match='not writable.*--config.data.data_dir'):
+      datasets.ensure_built(small_data_cfg)
+
+
+def test_ensure_built_reuses_the_build(small_data_cfg):
+  info = datasets.ensure_built(small_data_cfg)  # already built by the session fixture
+  assert {k: v.num_examples for k, v in info.splits.items()} == {
+      'train': 512, 'validation': 128, 'test': 128, 'test_novel': 128}

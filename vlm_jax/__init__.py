@@ -1,0 +1,1 @@
+"""vlm_jax: vision-language models in JAX."""

@@ -1,0 +1,161 @@
+"""Input pipelines: the sharded, resumable train stream and whole evaluation splits.
+
+The train stream is a pure function of (seed, step): element j of the infinite stream is
+example `shuffle_epoch(j // N)[j % N]` of the N train examples, with a caption and a flip
+chosen from a hash of (seed, j). Global batch k holds elements [k * G, (k + 1) * G); process p
+of P reads the p-th of its P equal slices, so the processes together see exactly the batch a
+single process would, and the iterator's state is just the next step.
+"""
+import functools
+from typing import Any, Sequence
+
+import grain
+import ml_collections
+import numpy as np
+
+from vlm_jax.data import datasets
+from vlm_jax.data import records
+from vlm_jax.data import shapes_text
+from vlm_jax.data import tokenizer as tokenizer_lib
+
+Batch = dict[str, np.ndarray]
+_MASK64 = (1 << 64) - 1
+_SHUFFLE_STREAM = 1 << 62  # an index the stream itself never reaches
+
+
+def normalize_images(images: np.ndarray, data_cfg: ml_collections.ConfigDict) -> np.ndarray:
+  """uint8 [..., 3] -> float32 (x / 255 - mean) / std, per channel."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8 or images.shape[-1:] != (3,):
+    raise ValueError(f'normalize_images takes uint8 [..., 3] images, got {images.dtype} '
+                     f'{images.shape}.')
+  std = np.asarray(data_cfg.std, np.float32)
+  scale = 1.0 / (255.0 * std)
+  offset = -np.asarray(data_cfg.mean, np.float32) / std
+  out = images.astype(np.float32)
+  out *= scale
+  out += offset
+  return out
+
+
+def _hash(seed: int, index: int) -> int:
+  """A well-mixed 64-bit hash of (seed, index) (splitmix64 finaliser)."""
+  x = (seed * 0x9E3779B97F4A7C15 + index + 0x9E3779B97F4A7C15) & _MASK64
+  x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+  x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+  return x ^ (x >> 31)
+
+
+def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[bytes],
+                seed: int, data_cfg: ml_collections.ConfigDict,
+                tokenizer: tokenizer_lib.Tokenizer) -> Batch:
+  """Reads, augments, normalises and tokenises the b examples of one batch at once.
+
+  Element r of batch `batch_index` is element j = batch_index * b + r of the stream; its
+  caption and flip come from a hash of (seed, j), so they change from epoch to epoch.
+  """
+  size = len(example_ids)
+  ids = [int(i) for i in example_ids]
+  if hasattr(source, '__getitems__'):
+    records_ = source.__getitems__(ids)  # one batched read
+  else:
+    records_ = [source[i] for i in ids]
+  images, captions = [], []
+  for r, record in enumerate(records_):
+    features = records.parse(record)
+    h = _hash(seed, batch_index * size + r)
+    options = records.texts(features, 'captions')
+    caption = options[h % len(options)]
+    image = records.image(features)  # [S, S, 3] uint8
+    if data_cfg.flip and h >> 63:
+      image, caption = image[:, ::-1], shapes_text.flip_caption(caption)
+    images.append(image)
+    captions.append(caption)
+  ids, mask = tokenizer.encode_batch(captions, data_cfg.max_text_len)  # [b, L] each
+  return {'image': normalize_images(np.stack(images), data_cfg),  # [b, S, S, 3] float32
+          'text_ids': ids, 'text_mask': mask}
+
+
+def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
+                       global_batch_size: int, seed: int, process_index: int = 0,
+                       process_count: int = 1) -> grain.MapDataset:
+  """The infinite, shuffled train stream of this process's batches.
+
+  Batches are dicts: `image` float32 [b, S, S, 3] (normalised), `text_ids` int32 [b, L] and
+  `text_mask` bool [b, L], with b = global_batch_size // process_count, L = max_text_len.
+  """
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'The global batch size ({global_batch_size}) must be positive and '
+                     f'divisible by the number of processes ({process_count}).')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
+  data_cfg = data_cfg.copy_and_resolve_references()  # later edits must not change the stream
+  datasets.image_size(data_cfg)  # checks data.image_size
+  source = datasets.data_source(data_cfg, data_cfg.train_split, raw=True)
+  if len(source) == 0:  # pylint: disable=g-explicit-length-test
+    raise ValueError(f'Split {data_cfg.train_split!r} is empty.')
+  seed = int(seed) % 2**32
+  # grain reshuffles epoch e with seed + e: hash the seed so that runs with seeds s and s + 1
+  # do not share their epoch orders.
+  shuffle_seed = _hash(seed, _SHUFFLE_STREAM) % 2**32
+  # Element j of the stream -> an example index; reshuffled every epoch.
+  ds = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat()
+  ds = ds.batch(global_batch_size // process_count)  # [b] example indices
+  ds = ds.map_with_index(functools.partial(
+      _read_batch, source=source, seed=seed, data_cfg=data_cfg, tokenizer=tokenizer))
+  return ds[process_index::process_count]
+
+
+def make_train_iterator(data_cfg: ml_collections.ConfigDict,
+                        tokenizer: tokenizer_lib.Tokenizer, global_batch_size: int, seed: int,
+                        process_index: int = 0, process_count: int = 1
+                        ) -> grain.DatasetIterator:
+  """An iterator over `make_train_dataset`, prefetching with `data.num_threads` threads.
+
+  `get_state()` is a small JSON-serialisable dict; `set_state(state)` resumes exactly: the
+  following batches equal those an uninterrupted iterator would have given.
+  """
+  ds = make_train_dataset(data_cfg, tokenizer, global_batch_size, seed, process_index,
+                          process_count)
+  options = grain.ReadOptions(num_threads=data_cfg.num_threads,
+                              prefetch_buffer_size=data_cfg.prefetch)
+  return iter(ds.to_iter_dataset(options))
+
+
+def _texts(values: Sequence[bytes]) -> list[str]:
+  return [v.decode('utf-8') for v in values]
+
+
+def eval_examples(data_cfg: ml_collections.ConfigDict, split: str,
+                  max_examples: int = 0) -> dict[str, Any]:
+  """The first `max_examples` (0 = all) examples of `split`, in the source's fixed order.
+
+  Returns:
+    `image` float32 [N, S, S, 3] (normalised), `label` int32 [N], `num_objects` int32 [N],
+    `captions`, `questions`, `answers` (list of N lists of str), `hard_negative` (list of N
+    str, '' for one-object scenes), `objects` (list of N lists of dicts with keys shape,
+    color, size, x, y).
+  """
+  datasets.image_size(data_cfg)
+  source = datasets.data_source(data_cfg, split)
+  n = len(source) if max_examples <= 0 else min(max_examples, len(source))
+  examples = [source[i] for i in range(n)]
+  objects = []
+  for ex in examples:
+    obj = ex['objects']
+    objects.append([{'shape': s.decode(), 'color': c.decode(), 'size': z.decode(),
+                     'x': float(x), 'y': float(y)}
+                    for s, c, z, x, y in zip(obj['shape'], obj['color'], obj['size'],
+                                             obj['x'], obj['y'])])
+  images = np.stack([ex['image'] for ex in examples]) if examples else np.zeros(
+      (0, data_cfg.image_size, data_cfg.image_size, 3), np.uint8)
+  return {
+      'image': normalize_images(images, data_cfg),
+      'label': np.asarray([ex['label'] for ex in examples], np.int32),
+      'num_objects': np.asarray([ex['num_objects'] for ex in examples], np.int32),
+      'captions': [_texts(ex['captions']) for ex in examples],
+      'questions': [_texts(ex['questions']) for ex in examples],
+      'answers': [_texts(ex['answers']) for ex in examples],
+      'hard_negative': [ex['hard_negative'].decode('utf-8') for ex in examples],
+      'objects': objects,
+  }

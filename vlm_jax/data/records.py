@@ -1,0 +1,39 @@
+"""Fast reads of single fields from serialised tfds records (`tf.train.Example` bytes).
+
+tfds' own numpy decoding of a whole example costs ~200 us; parsing the proto and decoding
+only the fields a train step needs (image and captions) costs ~50 us, which is what lets one
+CPU thread feed thousands of examples per second.
+"""
+import io
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+from tensorflow_datasets.proto import tf_example_pb2
+
+Features = Mapping[str, Any]  # a `tf.train.Features.feature` map: name -> Feature
+
+
+def parse(record: bytes) -> Features:
+  """The feature map of one serialised example."""
+  return tf_example_pb2.Example.FromString(record).features.feature
+
+
+def _feature(features: Features, key: str):
+  if key not in features:
+    raise KeyError(f'Record has no feature {key!r}; it has {sorted(features.keys())}.')
+  return features[key]
+
+
+def image(features: Features, key: str = 'image') -> np.ndarray:
+  """The decoded (PNG or JPEG) RGB image, uint8 [H, W, 3]."""
+  encoded = _feature(features, key).bytes_list.value[0]
+  with Image.open(io.BytesIO(encoded), formats=('PNG', 'JPEG')) as img:
+    if img.mode != 'RGB':
+      img = img.convert('RGB')
+    return np.asarray(img)
+
+
+def texts(features: Features, key: str) -> list[str]:
+  """A Text or Sequence(Text) feature as a list of strings (empty for an empty sequence)."""
+  return [b.decode('utf-8') for b in _feature(features, key).bytes_list.value]

@@ -1,0 +1,143 @@
+"""A word-level tokenizer (Hugging Face `tokenizers`) with fixed-length batch encoding.
+
+Encoded rows are `[BOS] tokens [EOS] [PAD]...`; a text too long for the row is cut so that
+EOS is always its last real token, because EOT pooling reads the first EOS position.
+"""
+import os
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+# Our special tokens, in id order: [PAD] is 0. EOS is deliberately not id 2: Hugging Face's
+# CLIP text model switches to legacy argmax pooling when eos_token_id == 2.
+SPECIAL_TOKENS = {'pad': '[PAD]', 'unk': '[UNK]', 'bos': '[BOS]', 'eos': '[EOS]',
+                  'mask': '[MASK]', 'cls': '[CLS]'}
+
+
+class Tokenizer:
+  """Wraps a `tokenizers.Tokenizer` and the ids of its special tokens."""
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, *, lowercase: bool = True,
+               special_tokens: Mapping[str, str] | None = None, source: str = '<memory>'):
+    """Args:
+      tokenizer: the underlying tokenizer.
+      lowercase: lower-case texts before encoding.
+      special_tokens: names of the special tokens, keyed like SPECIAL_TOKENS (pad, unk,
+        bos, eos, mask, cls); those given override SPECIAL_TOKENS' names, e.g.
+        {'bos': '<|startoftext|>', 'eos': '<|endoftext|>'}.
+      source: where the tokenizer came from, for error messages.
+    """
+    self._tok = tokenizer
+    self.lowercase = lowercase
+    names = {**SPECIAL_TOKENS, **(special_tokens or {})}
+    unknown_keys = set(names) - set(SPECIAL_TOKENS)
+    if unknown_keys:
+      raise ValueError(f'Unknown special token keys {sorted(unknown_keys)}; accepted: '
+                       f'{sorted(SPECIAL_TOKENS)}.')
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if vocab_size <= len(names):
+      raise ValueError(f'Tokenizer from {source} has {vocab_size} tokens: nothing beyond its '
+                       f'{len(names)} special tokens (is it empty?).')
+    missing = [name for name in names.values() if tokenizer.token_to_id(name) is None]
+    if missing:
+      raise ValueError(f'Tokenizer from {source} lacks the special tokens {missing}; pass '
+                       'special_tokens={...} naming its own (keys: '
+                       f'{sorted(SPECIAL_TOKENS)}).')
+    self._ids = {key: tokenizer.token_to_id(name) for key, name in names.items()}
+    self._special_ids = frozenset(self._ids.values())
+
+  @classmethod
+  def from_file(cls, path: str, **kwargs) -> 'Tokenizer':
+    """Loads a `tokenizer.json`; kwargs go to the constructor."""
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f'No tokenizer file at {path!r}: expected a tokenizer.json '
+                              '(set --config.data.tokenizer, or leave it empty to use the '
+                              "dataset's own).")
+    return cls(tokenizers.Tokenizer.from_file(path), source=path, **kwargs)
+
+  def save(self, path: str) -> None:
+    self._tok.save(path)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def pad_id(self) -> int:
+    return self._ids['pad']
+
+  @property
+  def unk_id(self) -> int:
+    return self._ids['unk']
+
+  @property
+  def bos_id(self) -> int:
+    return self._ids['bos']
+
+  @property
+  def eos_id(self) -> int:
+    return self._ids['eos']
+
+  @property
+  def mask_id(self) -> int:
+    return self._ids['mask']
+
+  @property
+  def cls_id(self) -> int:
+    return self._ids['cls']
+
+  def encode_batch(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Encodes B texts to rows of length L = max_len.
+
+    Returns:
+      ids: int32 [B, L], `[BOS] tokens [EOS] [PAD]...`; a text with more than L - 2 tokens
+        keeps its first L - 2, so EOS is always present.
+      mask: bool [B, L], True on BOS, tokens and EOS.
+    """
+    if isinstance(texts, str):
+      raise TypeError(f'encode_batch takes a sequence of strings, not one string: {texts!r}.')
+    if max_len < 2:
+      raise ValueError(f'max_len must be at least 2 (room for BOS and EOS), got {max_len}.')
+    texts = [t.lower() for t in texts] if self.lowercase else list(texts)
+    encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+    ids = np.full((len(texts), max_len), self.pad_id, np.int32)
+    mask = np.zeros((len(texts), max_len), np.bool_)
+    for row, encoding in enumerate(encodings):
+      tokens = [self.bos_id] + encoding.ids[:max_len - 2] + [self.eos_id]
+      ids[row, :len(tokens)] = tokens
+      mask[row, :len(tokens)] = True
+    return ids, mask
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of one row of ids: stops at the first EOS, drops special tokens."""
+    kept = []
+    for i in ids:
+      i = int(i)
+      if i == self.eos_id:
+        break
+      if i not in self._special_ids:
+        kept.append(i)
+    return self._tok.decode(kept, skip_special_tokens=True)
+
+  def decode_batch(self, ids: np.ndarray) -> list[str]:
+    """`decode` of every row of ids [B, L]."""
+    return [self.decode(row) for row in np.asarray(ids)]
+
+
+def train_tokenizer(texts: Iterable[str], path: str | None = None) -> Tokenizer:
+  """Trains a lower-casing word-level tokenizer on `texts`; saves it to `path` if given.
+
+  Words are split at whitespace and punctuation ("circle?" -> "circle", "?"). Ids 0-5 are
+  [PAD], [UNK], [BOS], [EOS], [MASK], [CLS]; words follow by frequency.
+  """
+  tok = tokenizers.Tokenizer(models.WordLevel(unk_token=SPECIAL_TOKENS['unk']))
+  tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS.values()))
+  tok.train_from_iterator(texts, trainer=trainer)
+  result = Tokenizer(tok, source='train_tokenizer')
+  if path is not None:
+    result.save(path)
+  return result

@@ -1,0 +1,3 @@
+"""Image and text towers, one module each."""
+from vlm_jax.encoders.text import TextTransformer
+from vlm_jax.encoders.vit import ViT, check_images

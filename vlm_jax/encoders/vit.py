@@ -1,0 +1,107 @@
+"""Vision Transformer image tower (Dosovitskiy et al., 2021), with CLIP's and SigLIP's options."""
+from typing import Any
+
+import einops
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.encoders.common import check_choice
+from vlm_jax.nn.embeddings import posemb_sincos_2d
+from vlm_jax.nn.pooling import MAPHead, cls_pool, mean_pool
+from vlm_jax.nn.transformer import ACTIVATION_AXES, Encoder, layer_norm
+
+Dtype = Any
+POOLS = ('cls', 'map', 'gap')
+POSEMBS = ('learn', 'sincos2d')
+
+
+def check_images(images: jax.Array, patch_size: int) -> None:
+  """Raises a readable ValueError unless images are [B, H, W, 3] with H, W multiples of the
+  patch size."""
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f'Expected images shaped [batch, height, width, 3] (NHWC, RGB), got '
+                     f'shape {tuple(images.shape)}.')
+  _, height, width, _ = images.shape
+  if height % patch_size or width % patch_size:
+    raise ValueError(f'Image size {height}x{width} is not divisible by the patch size '
+                     f'{patch_size}; resize the images or change model.image.patch_size.')
+
+
+class ViT(nn.Module):
+  """Images [B, H, W, 3] -> (pooled [B, D], tokens [B, N, D]), after the final LayerNorm.
+
+  N = H W / patch_size^2, plus one with the class token (pool 'cls').
+
+  Attributes:
+    pool: 'cls' (class token, CLIP), 'map' (attention pooling, SigLIP) or 'gap' (mean).
+    posemb: 'learn' (normal, std width^-0.5 as CLIP) or 'sincos2d' (fixed).
+    ln_pre: LayerNorm before the blocks (CLIP).
+    patch_bias: bias on the patch embedding (CLIP has none).
+  """
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  pool: str = 'cls'
+  posemb: str = 'learn'
+  ln_pre: bool = False
+  patch_bias: bool = True
+  activation: str = 'gelu'
+  dropout_rate: float = 0.0
+  layer_norm_eps: float = 1e-5
+  remat: str = 'none'
+  scan_layers: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _patchify(self, images: jax.Array) -> tuple[jax.Array, int, int]:
+    """[B, H, W, 3] -> ([B, h w, D], h, w) by a stride-p convolution."""
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', use_bias=self.patch_bias,
+                dtype=self.dtype, param_dtype=self.param_dtype, name='patch_embed',
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.lecun_normal(), (None, None, 'patch', 'embed')),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
+                )(images.astype(self.dtype))  # [B, h, w, D]
+    _, h, w, _ = x.shape
+    return einops.rearrange(x, 'b h w d -> b (h w) d'), h, w
+
+  def _learned(self, name: str, shape: tuple[int, ...]) -> jax.Array:
+    init = nn.initializers.normal(self.width ** -0.5)
+    axes = (None,) * (len(shape) - 1) + ('embed',)
+    return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      self.param_dtype).astype(self.dtype)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, deterministic: bool = True
+               ) -> tuple[jax.Array, jax.Array]:
+    check_choice('model.image.pool', self.pool, POOLS)
+    check_choice('model.image.posemb', self.posemb, POSEMBS)
+    check_images(images, self.patch_size)
+    x, h, w = self._patchify(images)  # [B, N, D]
+    batch = x.shape[0]
+    if self.posemb == 'sincos2d':
+      x = x + posemb_sincos_2d(h, w, self.width, dtype=self.dtype)
+    if self.pool == 'cls':
+      cls = self._learned('cls_token', (self.width,))
+      x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)), x], axis=1)
+    if self.posemb == 'learn':
+      x = x + self._learned('pos_embed', (x.shape[1], self.width))[None]  # [B, N(+1), D]
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    if self.ln_pre:
+      x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_pre')(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic)
+    x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.dropout_rate,
+                self.layer_norm_eps, self.remat, self.scan_layers, self.dtype,
+                self.param_dtype, name='encoder')(x, None, deterministic)  # [B, N(+1), D]
+    x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_post')(x)
+    if self.pool == 'cls':
+      pooled = cls_pool(x)
+    elif self.pool == 'map':
+      pooled = MAPHead(self.num_heads, self.mlp_dim, self.activation, self.layer_norm_eps,
+                       self.dtype, self.param_dtype, name='map_head')(x)
+    else:
+      pooled = mean_pool(x)
+    return pooled, x

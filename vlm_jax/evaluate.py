@@ -1,0 +1,62 @@
+"""Evaluates the latest checkpoint of a workdir and writes `results.json` there.
+
+  python -m vlm_jax.evaluate --config=configs/clip_shapes.py --workdir=runs/clip_shapes
+"""
+import json
+import logging
+import os
+import sys
+
+from absl import flags
+
+from vlm_jax import cli
+
+_CONFIG = cli.define_config_flag()
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run (with checkpoints/).')
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+  """Restores the latest checkpoint in `workdir` and runs `config.eval`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from vlm_jax.eval import runner  # pylint: disable=g-import-not-at-top
+  from vlm_jax.training import checkpointing, trainer, writers  # pylint: disable=g-import-not-at-top
+
+  datasets.ensure_built(config.data)
+  tokenizer = datasets.load_tokenizer(config.data)
+  trainer.resolve_config(config, tokenizer)
+  checkpointer = checkpointing.Checkpointer(workdir, config)
+  step = checkpointer.latest_step()
+  if step is None:
+    raise cli.UserError(f'No checkpoint in {checkpointer.directory}; train first with '
+                        f'python -m vlm_jax.train --workdir={workdir}')
+  setup = trainer.Setup(config)
+  state, _ = checkpointer.restore(step, setup.abstract_state)
+  checkpointer.close()
+  results = runner.evaluate(config, setup.model, state.params, tokenizer)
+  if jax.process_index() == 0:
+    writer = writers.MetricWriter(workdir)
+    writer.write(step, results)
+    writer.close()
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  return results
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  config = cli.load_config(_CONFIG, sys.argv)
+  if not _WORKDIR.value:
+    raise cli.UserError('--workdir is required')
+  logging.getLogger().setLevel(logging.INFO)
+  from vlm_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  try:
+    results = evaluate_workdir(config, _WORKDIR.value)
+  except (checkpointing.CheckpointMismatchError, OSError) as e:
+    raise cli.UserError(str(e)) from None
+  for key, value in sorted(results.items()):
+    print(f'{key}: {value:.4f}')
+
+
+if __name__ == '__main__':
+  cli.run(main)

@@ -1,0 +1,136 @@
+"""Multi-head attention on `jax.nn.dot_product_attention`, and the masks it takes.
+
+Masks are boolean, True where a query may attend to a key, shaped [B | 1, 1, Lq, Lk] so that
+they broadcast over heads; `combine_masks` ANDs any number of them (None is skipped).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = nn.initializers.Initializer
+
+# Fan-in is the model width, fan-out the heads x head dim; the fused axis (q, k, v) is a
+# batch axis, so a fused kernel initialises exactly like three separate ones.
+QKV_INIT = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=0,
+                                            out_axis=(-2, -1), batch_axis=(1,))
+Q_INIT = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=0,
+                                          out_axis=(-2, -1))
+OUT_INIT = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1),
+                                            out_axis=-1)
+
+
+def causal_mask(length: int) -> jax.Array:
+  """[1, 1, L, L] bool: query i sees keys j <= i."""
+  return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+def padding_mask(key_mask: jax.Array, query_mask: jax.Array | None = None) -> jax.Array:
+  """[B, 1, Lq | 1, Lk] bool from per-token validity masks.
+
+  Args:
+    key_mask: [B, Lk] bool, True for real (non-padding) keys.
+    query_mask: optional [B, Lq] bool; when given, padding queries attend to nothing (their
+      outputs are then meaningless and should be ignored downstream).
+  """
+  mask = key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, Lk]
+  if query_mask is not None:
+    mask = mask & query_mask.astype(bool)[:, None, :, None]  # [B, 1, Lq, Lk]
+  return mask
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+  """Logical AND of broadcastable boolean masks; None entries are ignored."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  out = masks[0].astype(bool)
+  for m in masks[1:]:
+    out = out & m.astype(bool)
+  return out
+
+
+def _param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...],
+           axes: tuple[str | None, ...], dtype: Dtype) -> jax.Array:
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention with learned projections.
+
+  Self-attention (`inputs_kv` is None) uses one fused QKV kernel [D, 3, H, K]; cross-attention
+  uses a query kernel [D, H, K] and a fused key-value kernel [Dkv, 2, H, K].
+
+  Attributes:
+    num_heads: number of heads H.
+    head_dim: K; defaults to D // H.
+    out_features: output width; defaults to D (the query input width).
+    use_bias: biases on the projections.
+    dtype: computation dtype (softmax is always float32 inside dot_product_attention).
+    param_dtype: parameter dtype.
+  """
+  num_heads: int
+  head_dim: int | None = None
+  out_features: int | None = None
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _project(self, x: jax.Array, name: str, shape: tuple[int, ...],
+               axes: tuple[str | None, ...], init: Initializer, equation: str) -> jax.Array:
+    kernel = _param(self, f'{name}_kernel', init, shape, axes, self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    y = jnp.einsum(equation, x, kernel)
+    if self.use_bias:
+      bias = _param(self, f'{name}_bias', nn.initializers.zeros, shape[1:], axes[1:],
+                    self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None,
+               mask: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
+    """Attends from `inputs_q` to `inputs_kv` (itself when None).
+
+    Args:
+      inputs_q: [B, Lq, D].
+      inputs_kv: [B, Lk, Dkv] or None for self-attention.
+      mask: bool, broadcastable to [B, H, Lq, Lk]; True = attend.
+      bias: additive logits bias, broadcastable to [B, H, Lq, Lk].
+
+    Returns:
+      [B, Lq, out_features].
+    """
+    width = inputs_q.shape[-1]
+    heads = self.num_heads
+    if self.head_dim is None and width % heads:
+      raise ValueError(f'Attention width {width} is not divisible by num_heads={heads}.')
+    head_dim = self.head_dim or width // heads
+    if inputs_kv is None:
+      qkv = self._project(inputs_q, 'qkv', (width, 3, heads, head_dim),
+                          ('embed', None, 'heads', 'kv'), QKV_INIT,
+                          'bld,dthk->blthk')  # [B, L, 3, H, K]
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      q = self._project(inputs_q, 'query', (width, heads, head_dim),
+                        ('embed', 'heads', 'kv'), Q_INIT, 'bld,dhk->blhk')  # [B, Lq, H, K]
+      kv = self._project(inputs_kv, 'kv', (inputs_kv.shape[-1], 2, heads, head_dim),
+                         ('embed', None, 'heads', 'kv'), QKV_INIT,
+                         'bld,dthk->blthk')  # [B, Lk, 2, H, K]
+      k, v = kv[:, :, 0], kv[:, :, 1]
+    if mask is not None:
+      mask = mask.astype(bool)
+    if bias is not None:
+      bias = bias.astype(self.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)  # [B, Lq, H, K]
+    out_features = self.out_features or width
+    out_kernel = _param(self, 'out_kernel', OUT_INIT, (heads, head_dim, out_features),
+                        ('heads', 'kv', 'embed'), self.param_dtype)
+    y = jnp.einsum('blhk,hkd->bld', out, out_kernel.astype(self.dtype))  # [B, Lq, D]
+    if self.use_bias:
+      out_bias = _param(self, 'out_bias', nn.initializers.zeros, (out_features,), ('embed',),
+                        self.param_dtype)
+      y = y + out_bias.astype(self.dtype)
+    return y

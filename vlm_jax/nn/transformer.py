@@ -1,0 +1,164 @@
+"""Pre-LN transformer: MLP, encoder block, and a stack of blocks with remat and scan options."""
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.nn.attention import MultiHeadAttention
+
+Dtype = Any
+ACTIVATIONS = ('gelu', 'quick_gelu')
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+}
+REMAT_CHOICES = ('none', *REMAT_POLICIES)
+ACTIVATION_AXES = ('batch', 'length', 'embed')
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """CLIP's GELU approximation: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+  """'gelu' (exact, erf) or 'quick_gelu'."""
+  if name == 'gelu':
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name == 'quick_gelu':
+    return quick_gelu
+  raise ValueError(f'Unknown activation {name!r}; accepted: {", ".join(ACTIVATIONS)}.')
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+  """LayerNorm over the last ('embed') axis with logically partitioned scale and bias."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)))
+
+
+def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype,
+          name: str, use_bias: bool = True,
+          kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
+          ) -> nn.Dense:
+  """nn.Dense with kernel names `axes` (in, out) and bias named like the output."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axes[1],)))
+
+
+class Mlp(nn.Module):
+  """Two-layer MLP: [B, L, D] -> [B, L, mlp_dim] -> [B, L, D]."""
+  mlp_dim: int
+  activation: str = 'gelu'
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    width = x.shape[-1]
+    act = activation_fn(self.activation)
+    h = dense(self.mlp_dim, ('embed', 'mlp'), self.dtype, self.param_dtype, 'fc1')(x)
+    h = nn.Dropout(self.dropout_rate)(act(h), deterministic)  # [B, L, F]
+    return dense(width, ('mlp', 'embed'), self.dtype, self.param_dtype, 'fc2')(h)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)). [B, L, D] -> [B, L, D].
+
+  Dropout (rate `dropout_rate`) is applied to both residual branches and after the MLP
+  activation; attention probabilities are not dropped (dot_product_attention has no dropout).
+  """
+  num_heads: int
+  mlp_dim: int
+  activation: str = 'gelu'
+  dropout_rate: float = 0.0
+  layer_norm_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    """x: [B, L, D]; mask: bool broadcastable to [B, H, L, L]."""
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    ln = lambda name: layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name)
+    y = MultiHeadAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name='attn')(ln('ln1')(x), mask=mask)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic)  # [B, L, D]
+    y = Mlp(self.mlp_dim, self.activation, self.dropout_rate, self.dtype, self.param_dtype,
+            name='mlp')(ln('ln2')(x), deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic)  # [B, L, D]
+    return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+class _ScanBlock(EncoderBlock):
+  """EncoderBlock with nn.scan's (carry, per-step output) signature."""
+
+  def __call__(self, x, mask=None, deterministic=True):
+    return super().__call__(x, mask, deterministic), None
+
+
+class Encoder(nn.Module):
+  """A stack of `depth` EncoderBlocks: [B, L, D] -> [B, L, D] (no final LayerNorm).
+
+  Parameters live under 'block_{i}' for each layer, or with `scan_layers` under a single
+  'blocks' subtree whose leaves have a leading 'layers' axis of size `depth`; stacking the
+  per-layer leaves along axis 0 converts one into the other.
+
+  Attributes:
+    remat: 'none', 'full' (recompute the block in the backward pass) or 'dots_saveable'
+      (keep matmul outputs, recompute the rest).
+    scan_layers: run the blocks with nn.scan (one compiled block, faster compilation).
+  """
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  activation: str = 'gelu'
+  dropout_rate: float = 0.0
+  layer_norm_eps: float = 1e-5
+  remat: str = 'none'
+  scan_layers: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
+    if self.remat not in REMAT_CHOICES:
+      raise ValueError(f'Unknown remat {self.remat!r}; accepted: {", ".join(REMAT_CHOICES)}.')
+    block_cls = _ScanBlock if self.scan_layers else EncoderBlock
+    if self.remat != 'none':
+      # Argument 0 is the module itself, so `deterministic` is argument 3.
+      block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[self.remat],
+                           prevent_cse=not self.scan_layers, static_argnums=(3,))
+    kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
+                  dropout_rate=self.dropout_rate, layer_norm_eps=self.layer_norm_eps,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.scan_layers:
+      blocks = nn.scan(block_cls, variable_axes={'params': 0},
+                       split_rngs={'params': True, 'dropout': True},
+                       in_axes=(nn.broadcast, nn.broadcast), length=self.depth,
+                       metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = blocks(name='blocks', **kwargs)(x, mask, deterministic)
+      return x
+    for i in range(self.depth):
+      x = block_cls(name=f'block_{i}', **kwargs)(x, mask, deterministic)
+    return x
+
+
+def stack_layer_params(params: dict, depth: int) -> dict:
+  """Encoder params {'block_0': t0, ..., 'block_{d-1}': t} -> {'blocks': stacked} (scan)."""
+  blocks = [params[f'block_{i}'] for i in range(depth)]
+  return {'blocks': jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_layer_params(params: dict) -> dict:
+  """Encoder params {'blocks': stacked} (scan) -> {'block_0': t0, ...}."""
+  stacked = params['blocks']
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  return {f'block_{i}': jax.tree.map(lambda x: x[i], stacked) for i in range(depth)}

@@ -1,0 +1,1 @@
+"""Training engine: optimizer, state, partitioning, checkpoints, metric writers, the loop."""
