@@ -34,11 +34,11 @@ def bench(c):
 
 def get_config(arg: str | None = None):
   c = base_config()
-  c.train.num_steps = 1500
+  c.train.num_steps = 4000
   c.train.batch_size = 128
   c.optim.learning_rate = 1e-3
   c.optim.warmup_steps = 100
-  c.checkpoint.every_steps = 500
+  c.checkpoint.every_steps = 1000
   variants = {'': lambda c: c, 'tiny': tiny, 'bench': bench}
   if (arg or '') not in variants:
     raise ValueError(f'Unknown variant {arg!r} of clip_shapes; accepted: {sorted(variants)}.')

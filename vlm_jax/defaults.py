@@ -48,27 +48,49 @@ def base_config() -> ml_collections.ConfigDict:
       scan_layers=False,
   )
 
-  c.loss = dict(name='softmax', weights=dict())
+  # sharded: with a mesh, the loss runs in shard_map over the batch mesh axes (softmax:
+  # local rows against gathered columns; sigmoid: SigLIP's chunked ppermute ring).
+  # block_size: the sigmoid ring scores each [b, b] chunk (b = per-device batch) in column
+  # blocks of the largest divisor of b that is <= block_size, so its per-device memory is
+  # O(b * block_size + B * E), linear in the global batch B (also used under pmap).
+  c.loss = dict(name='softmax', weights=dict(), sharded=False, block_size=256)
 
   c.optim = dict(
       name='adamw', learning_rate=1e-3, warmup_steps=100, schedule='cosine',
       end_learning_rate_factor=0.0, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
       grad_clip_norm=1.0)
 
+  # mode 'jit': one global program partitioned by XLA over the ('data', 'fsdp', 'tensor')
+  # mesh; parameters and optimizer state are sharded by `rules` (logical axis name -> mesh
+  # axes, first match wins), the batch over the axes of the 'batch' rule. mode 'pmap': data
+  # parallelism by `jax.pmap` over the mesh's devices (fsdp = tensor = 1), replicated state.
+  # See vlm_jax/training/partitioning.py and pmap_driver.py.
   c.parallel = dict(
-      mode='jit',
-      mesh=dict(data=-1, fsdp=1, tensor=1),
-      rules=(('batch', ('data', 'fsdp')),
-             ('embed', 'fsdp'),
-             ('mlp', 'tensor'),
-             ('heads', 'tensor'),
+      mode='jit',               # 'jit' | 'pmap'
+      mesh=dict(data=-1, fsdp=1, tensor=1),  # sizes; one may be -1 (the remaining devices)
+      # 'fsdp' before 'data': the other order gives silently wrong gradients in jax 0.10.2
+      # when both axes and 'tensor' are > 1 (shared/NOTES.md); partitioning refuses it.
+      rules=(('batch', ('fsdp', 'data')),
+             ('embed', 'fsdp'),     # FSDP: every parameter with a model-width dimension
+             ('mlp', 'tensor'),     # tensor parallelism: MLP hidden units ...
+             ('heads', 'tensor'),   # ... attention heads ...
+             ('vocab', 'tensor'),   # ... and the token embedding's vocabulary
              ('kv', None),
-             ('vocab', 'tensor'),
-             ('joint', None)),
+             ('joint', None),
+             ('patch', None),
+             ('layers', None)),
   )
 
-  c.train = dict(num_steps=1000, batch_size=128, log_every_steps=50,
-                 max_steps_per_run=0)  # > 0: checkpoint and exit after this many steps
+  c.train = dict(
+      num_steps=1000,
+      batch_size=128,           # the global batch, over all processes and devices
+      log_every_steps=50,
+      max_steps_per_run=0,      # > 0: checkpoint and exit after this many steps
+      # > 1: gradient caching over this many micro-batches (same loss and gradients as one
+      # batch, all negatives kept; less activation memory, one extra forward pass). The
+      # per-device batch must be divisible by it. See vlm_jax/training/accumulation.py.
+      microbatches=1,
+  )
 
   c.eval = dict(
       every_steps=0,            # 0 = only at the end

@@ -1,6 +1,8 @@
 """Evaluates the latest checkpoint of a workdir and writes `results.json` there.
 
   python -m vlm_jax.evaluate --config=configs/clip_shapes.py --workdir=runs/clip_shapes
+
+Takes the multi-process flags of `vlm_jax.train` (see `vlm_jax/training/distributed.py`).
 """
 import json
 import logging
@@ -10,9 +12,11 @@ import sys
 from absl import flags
 
 from vlm_jax import cli
+from vlm_jax.training import distributed
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run (with checkpoints/).')
+distributed.define_flags()
 
 
 def evaluate_workdir(config, workdir: str) -> dict:
@@ -22,7 +26,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
   from vlm_jax.eval import runner  # pylint: disable=g-import-not-at-top
   from vlm_jax.training import checkpointing, trainer, writers  # pylint: disable=g-import-not-at-top
 
-  datasets.ensure_built(config.data)
+  distributed.primary_first(lambda: datasets.ensure_built(config.data), 'build_data')
   tokenizer = datasets.load_tokenizer(config.data)
   trainer.resolve_config(config, tokenizer)
   checkpointer = checkpointing.Checkpointer(workdir, config)
@@ -45,10 +49,14 @@ def evaluate_workdir(config, workdir: str) -> dict:
 
 def main(argv: list[str]) -> None:
   del argv
+  logging.getLogger().setLevel(logging.INFO)
+  try:
+    distributed.initialize_from_flags()  # before anything else uses JAX
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
   config = cli.load_config(_CONFIG, sys.argv)
   if not _WORKDIR.value:
     raise cli.UserError('--workdir is required')
-  logging.getLogger().setLevel(logging.INFO)
   from vlm_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   try:
     results = evaluate_workdir(config, _WORKDIR.value)

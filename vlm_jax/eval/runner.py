@@ -1,19 +1,26 @@
 """Runs the configured evaluators of `config.eval` on a model and returns flat metrics,
-named `eval/<split>/<metric>` as DESIGN.md fixes them."""
-import functools
+named `eval/<split>/<metric>` as DESIGN.md fixes them.
+
+Every process evaluates the whole split and gets the same metrics (process 0 writes them).
+When the parameters are global arrays on a mesh (as the trainer's are, across processes in a
+multi-process run), each evaluation batch becomes a global array split over the mesh's batch
+axes, and the embeddings come back all-gathered (fully replicated), so that every process can
+read them.
+"""
 import logging
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax.data import datasets
 from vlm_jax.data import pipeline
 from vlm_jax.eval import retrieval
 from vlm_jax.eval import zeroshot
+from vlm_jax.training import partitioning
 
 
 def batched(fn: Callable[..., Any], batch_size: int, *arrays: np.ndarray) -> np.ndarray:
@@ -30,22 +37,73 @@ def batched(fn: Callable[..., Any], batch_size: int, *arrays: np.ndarray) -> np.
   return np.concatenate(outputs) if outputs else np.zeros((0,))
 
 
-class Embedder:
-  """Jitted image and text embedding functions of a dual-encoder-like model."""
+def params_mesh(params: Any) -> jax.sharding.Mesh | None:
+  """The mesh of the first parameter placed with a NamedSharding, or None."""
+  for leaf in jax.tree.leaves(params):
+    if isinstance(leaf, jax.Array) and isinstance(leaf.sharding, NamedSharding):
+      return leaf.sharding.mesh
+  return None
 
-  def __init__(self, model: nn.Module, params: Any, tokenizer, max_len: int, batch_size: int):
-    self.tokenizer, self.max_len, self.batch_size = tokenizer, max_len, batch_size
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+class _Placement:
+  """Puts host batches onto a mesh, split over its batch axes; outputs come back replicated.
+
+  Every process holds the same host batch; `make_array_from_callback` takes from it the rows
+  of this process's devices, so the call is the same in one process or many.
+  """
+
+  def __init__(self, mesh: jax.sharding.Mesh, parallel_cfg: ml_collections.ConfigDict):
+    self.batch = partitioning.batch_sharding(mesh, parallel_cfg)
+    self.replicated = NamedSharding(mesh, P())
+    self.num_shards = mesh.size // self.batch.shard_shape((mesh.size,))[0]  # of the batch rows
+
+  def put(self, x: np.ndarray) -> jax.Array:
+    """Host [B, ...] (the same on every process) -> global [B, ...] split over the batch axes."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, self.batch, lambda index: x[index])
+
+
+class Embedder:
+  """Jitted image and text embedding functions of a dual-encoder-like model.
+
+  `params` may be host arrays, arrays on one device, or global arrays on a mesh (then pass
+  `parallel_cfg`, the `parallel` config group, to split batches the trainer's way).
+  """
+
+  def __init__(self, model: nn.Module, params: Any, tokenizer, max_len: int, batch_size: int,
+               parallel_cfg: ml_collections.ConfigDict | None = None):
+    self.tokenizer, self.max_len = tokenizer, max_len
     self._params = params
-    self._image = jax.jit(lambda p, x: model.apply({'params': p}, x, method=model.encode_image))
-    self._text = jax.jit(
-        lambda p, i, m: model.apply({'params': p}, i, m, method=model.encode_text))
+    image_fn = lambda p, x: model.apply({'params': p}, x, method=model.encode_image)
+    text_fn = lambda p, i, m: model.apply({'params': p}, i, m, method=model.encode_text)
+    mesh = params_mesh(params) if parallel_cfg is not None else None
+    if mesh is None:
+      self._put = lambda x: x
+      self._image, self._text = jax.jit(image_fn), jax.jit(text_fn)
+    else:
+      placement = _Placement(mesh, parallel_cfg)
+      batch_size = _round_up(batch_size, placement.num_shards)
+      self._put = placement.put
+      self._image = jax.jit(image_fn, out_shardings=placement.replicated)
+      self._text = jax.jit(text_fn, out_shardings=placement.replicated)
+    self.batch_size = batch_size
+
+  def _image_batch(self, images: np.ndarray) -> jax.Array:
+    return self._image(self._params, self._put(images))
+
+  def _text_batch(self, ids: np.ndarray, mask: np.ndarray) -> jax.Array:
+    return self._text(self._params, self._put(ids), self._put(mask))
 
   def images(self, images: np.ndarray) -> np.ndarray:
     """[N, H, W, 3] normalised float32 -> [N, E]."""
-    return batched(functools.partial(self._image, self._params), self.batch_size, images)
+    return batched(self._image_batch, self.batch_size, images)
 
   def token_ids(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return batched(functools.partial(self._text, self._params), self.batch_size, ids, mask)
+    return batched(self._text_batch, self.batch_size, ids, mask)
 
   def tokenize(self, texts):
     return self.tokenizer.encode_batch(list(texts), self.max_len)
@@ -78,7 +136,8 @@ def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder, split:
 def evaluate(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
              tokenizer) -> dict[str, float]:
   """All evaluators of `config.eval` on every split of `config.eval.splits`."""
-  embedder = Embedder(model, params, tokenizer, config.data.max_text_len, config.eval.batch_size)
+  embedder = Embedder(model, params, tokenizer, config.data.max_text_len, config.eval.batch_size,
+                      config.parallel)
   class_names = datasets.class_names(config.data)
   results: dict[str, float] = {}
   for split in config.eval.splits:

@@ -1,4 +1,11 @@
-"""Device mesh and shardings: logical axis names on parameters mapped to mesh axes by rules."""
+"""Device mesh and shardings: logical axis names on parameters mapped to mesh axes by rules.
+
+Parameters carry logical axis names ('embed', 'mlp', 'heads', 'kv', 'vocab', 'joint', 'patch',
+'layers'; see `nn.with_logical_partitioning` in the model code); `parallel.rules` maps each to
+mesh axes of the ('data', 'fsdp', 'tensor') mesh. With the default rules, 'fsdp' shards every
+parameter (and its optimizer state) along its model-width ('embed') dimension, 'tensor' splits
+heads, MLP hidden units and the vocabulary, and the batch is split over 'fsdp' x 'data'.
+"""
 import math
 from typing import Any, Sequence
 
@@ -9,6 +16,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+MODES = ('jit', 'pmap')
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
@@ -39,13 +47,26 @@ def make_mesh(parallel_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh
 
 
 def rules(parallel_cfg) -> tuple[tuple[str, Any], ...]:
+  """`parallel.rules` as flax logical axis rules: ((logical name, mesh axes | None), ...)."""
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                for name, axes in parallel_cfg.rules)
 
 
+def _as_tuple(axes: Any) -> tuple[str, ...]:
+  """None | 'a' | ('a', 'b') -> () | ('a',) | ('a', 'b')."""
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_axes(parallel_cfg) -> tuple[str, ...]:
+  """The mesh axes the batch is split over (the 'batch' rule), major to minor."""
+  return _as_tuple(dict(rules(parallel_cfg)).get('batch', ('fsdp', 'data')))
+
+
 def batch_spec(parallel_cfg) -> P:
   """The PartitionSpec of the leading (batch) dimension, from the 'batch' rule."""
-  axes = dict(rules(parallel_cfg)).get('batch', ('data', 'fsdp'))
+  axes = dict(rules(parallel_cfg)).get('batch', ('fsdp', 'data'))
   return P(axes)
 
 
@@ -84,3 +105,66 @@ def check_divisible(abstract_params, shardings, mesh: Mesh) -> None:
             f'Parameter {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be sharded: '
             f'dimension {dim} is not divisible by mesh axes {axes} of size {size}. '
             'Change parallel.mesh or parallel.rules.')
+
+
+def check_rules(parallel_cfg, mesh: Mesh) -> None:
+  """Raises a ValueError for rules naming unknown mesh axes or a known-bad batch layout.
+
+  The batch on ('data', 'fsdp') gives silently wrong gradients in jax 0.10.2 when 'data',
+  'fsdp' and a third axis are all > 1 (shared/repros/auto_fsdp_wrong_grad.py); the order
+  ('fsdp', 'data') is correct. Both orders are refused or accepted by mesh axis sizes, not
+  by testing the compiled program, so this errs on the safe side: 'data' may not precede
+  'fsdp' whenever both are > 1.
+  """
+  for name, axes in rules(parallel_cfg):
+    unknown = [a for a in _as_tuple(axes) if a not in mesh.axis_names]
+    if unknown:
+      raise ValueError(f'parallel.rules maps {name!r} to unknown mesh axes {unknown}; the '
+                       f'mesh axes are {mesh.axis_names}.')
+  axes = batch_axes(parallel_cfg)
+  if {'data', 'fsdp'} <= set(axes) and axes.index('data') < axes.index('fsdp') and min(
+      mesh.shape['data'], mesh.shape['fsdp']) > 1:
+    raise ValueError(f"parallel.rules: the batch rule {axes} puts 'data' before 'fsdp', "
+                     'which JAX 0.10.2 partitions with wrong gradients on this mesh; use '
+                     "('fsdp', 'data').")
+
+
+def num_batch_shards(mesh: Mesh, parallel_cfg) -> int:
+  """Into how many parts the batch rule splits the global batch on `mesh`."""
+  return math.prod(mesh.shape[a] for a in batch_axes(parallel_cfg))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, parallel_cfg) -> None:
+  """Raises a ValueError unless the global batch splits evenly over the batch mesh axes and
+  the processes."""
+  shards = num_batch_shards(mesh, parallel_cfg)
+  if batch_size % shards or batch_size % jax.process_count():
+    raise ValueError(
+        f'train.batch_size={batch_size} is not divisible by the {shards} batch shards '
+        f'(mesh axes {batch_axes(parallel_cfg)} of {dict(mesh.shape)}) and the '
+        f'{jax.process_count()} process(es); choose a multiple of both.')
+
+
+def check_mode(parallel_cfg, mesh: Mesh) -> None:
+  """Raises a ValueError for an unknown `parallel.mode` or a mesh the mode cannot drive."""
+  mode = parallel_cfg.mode
+  if mode not in MODES:
+    raise ValueError(f'Unknown parallel.mode {mode!r}; accepted: {", ".join(MODES)}.')
+  if mode != 'pmap':
+    return
+  if mesh.shape['fsdp'] != 1 or mesh.shape['tensor'] != 1:
+    raise ValueError(f"parallel.mode='pmap' is pure data parallelism with replicated "
+                     f'parameters: set parallel.mesh fsdp=1 and tensor=1 (got '
+                     f"{dict(mesh.shape)}), or use parallel.mode='jit'.")
+  if jax.process_count() > 1:
+    raise ValueError("parallel.mode='pmap' drives the devices of one process; use "
+                     "parallel.mode='jit' for multi-process training.")
+
+
+def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
+  """Bytes that each device holds of the arrays in `tree` (from their addressable shards)."""
+  totals: dict[jax.Device, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+  return totals

@@ -1,4 +1,5 @@
 """The training loop: build everything from the config, resume, train, checkpoint, evaluate."""
+import functools
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlm_jax import config_utils
 from vlm_jax import models
@@ -21,9 +22,11 @@ from vlm_jax.data import datasets
 from vlm_jax.data import pipeline
 from vlm_jax.eval import runner
 from vlm_jax.training import checkpointing
-from vlm_jax.training import objectives
+from vlm_jax.training import distributed
+from vlm_jax.training import jit_driver
 from vlm_jax.training import optimizer as optimizer_lib
 from vlm_jax.training import partitioning
+from vlm_jax.training import pmap_driver
 from vlm_jax.training import writers
 from vlm_jax.training.state import TrainState
 
@@ -56,76 +59,85 @@ def dummy_batch(config: ml_collections.ConfigDict) -> dict:
 
 
 class Setup:
-  """Model, optimizer, mesh and sharded state built from a resolved config."""
+  """Model, optimizer, mesh, sharded state and the train-step driver of `parallel.mode`.
 
-  def __init__(self, config: ml_collections.ConfigDict, mesh=None):
+  'jit' (`jit_driver`) runs one global step partitioned over the ('data', 'fsdp', 'tensor')
+  mesh, with parameters and optimizer state sharded by `parallel.rules`; 'pmap'
+  (`pmap_driver`) runs data parallelism over the mesh's devices with replicated state. In
+  both modes the trainer holds the same unreplicated TrainState of global arrays on `mesh`
+  (`state_sharding`), so checkpoints, evaluation and resumption do not depend on the mode.
+  An unsatisfiable mesh, rule set or batch size is a ValueError here, before compiling.
+
+  Attributes:
+    model, tx, schedule: the model, optimizer and learning-rate schedule.
+    mesh: the device mesh; rules: flax logical axis rules from `parallel.rules`.
+    state_sharding: TrainState of NamedShardings; abstract_state: ShapeDtypeStructs with them.
+    loss_fn, batch_sharding, train_step: the driver's (see `JitDriver`, `PmapDriver`).
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh | None = None):
     self.config = config
     self.mesh = mesh or partitioning.make_mesh(config.parallel)
+    partitioning.check_mode(config.parallel, self.mesh)
+    partitioning.check_rules(config.parallel, self.mesh)
+    partitioning.check_batch_size(config.train.batch_size, self.mesh, config.parallel)
+    self.mode = config.parallel.mode
     self.rules = partitioning.rules(config.parallel)
     self.model = models.build_model(config.model, text_max_len=config.data.max_text_len)
     self.tx, self.schedule = optimizer_lib.make_optimizer(config.optim, config.train.num_steps)
-    self.loss_fn = objectives.make_loss_fn(self.model, config)
-    self.batch_sharding = partitioning.batch_sharding(self.mesh, config.parallel)
     self.replicated = NamedSharding(self.mesh, P())
+    self._init_boxed = functools.partial(_init_boxed_params, self.model, dummy_batch(config))
+    self.state_sharding = self._shard_state()
+    self._init_state = jax.jit(self._fresh_state, out_shardings=self.state_sharding)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(self._fresh_state, jax.random.key(0)), self.state_sharding)
+    self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_state.params))
+    if self.mode == 'pmap':
+      self.driver = pmap_driver.PmapDriver(self.model, config, self.tx, self.schedule, self.mesh)
+    else:
+      self.driver = jit_driver.JitDriver(self.model, config, self.tx, self.schedule, self.mesh,
+                                         self.state_sharding)
+    self.loss_fn = self.driver.loss_fn
+    self.batch_sharding = self.driver.batch_sharding
+    self.train_step = self.driver.train_step
 
-    batch = dummy_batch(config)
-
-    def init_boxed(rng):
-      return self.model.init({'params': rng}, batch['image'], batch['text_ids'],
-                             batch['text_mask'])['params']
-
-    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-    params_sharding = partitioning.param_shardings(boxed, self.mesh, config.parallel)
+  def _shard_state(self) -> TrainState:
+    """The TrainState's shardings: by the rules under 'jit', replicated under 'pmap'."""
+    boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
     abstract_params = nn.unbox(boxed)
-    partitioning.check_divisible(abstract_params, params_sharding, self.mesh)
+    if self.mode == 'pmap':
+      params_sharding = jax.tree.map(lambda _: self.replicated, abstract_params)
+    else:
+      params_sharding = partitioning.param_shardings(boxed, self.mesh, self.config.parallel)
+      partitioning.check_divisible(abstract_params, params_sharding, self.mesh)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     opt_sharding = partitioning.opt_state_shardings(self.tx, abstract_opt, params_sharding,
                                                     self.mesh)
-    self.state_sharding = TrainState(step=self.replicated, params=params_sharding,
-                                     opt_state=opt_sharding)
-    self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params))
+    return TrainState(step=self.replicated, params=params_sharding, opt_state=opt_sharding)
 
-    def init_state(rng):
-      params = nn.unbox(init_boxed(rng))
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=self.tx.init(params))
-
-    self._init_state = jax.jit(init_state, out_shardings=self.state_sharding)
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(init_state, jax.random.key(0)), self.state_sharding)
-    self.train_step = jax.jit(
-        self._train_step,
-        in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
-        out_shardings=(self.state_sharding, self.replicated),
-        donate_argnums=(0,))
+  def _fresh_state(self, rng: jax.Array) -> TrainState:
+    params = nn.unbox(self._init_boxed(rng))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params))
 
   def init_state(self, rng: jax.Array) -> TrainState:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self._init_state(rng)
 
-  def _train_step(self, state: TrainState, batch: dict, rng: jax.Array
-                  ) -> tuple[TrainState, dict]:
-    """One update. `batch` holds the global batch, sharded over the batch mesh axes."""
-    rng = jax.random.fold_in(rng, state.step)
-    with nn.logical_axis_rules(self.rules):
-      (loss, aux), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
-          state.params, batch, rng)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: p + u, state.params, updates)
-    metrics = {'loss': loss, **aux,
-               'grad_norm': jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
-               'learning_rate': self.schedule(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
   def step(self, state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
-    with jax.set_mesh(self.mesh):
-      return self.train_step(state, batch, rng)
+    """One update; `batch` from `device_batch`, `rng` the run's dropout key."""
+    return self.driver.step(state, batch, rng)
 
   def device_batch(self, host_batch: dict) -> dict:
-    """Places this process's part of the global batch onto the mesh."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
-            for k, v in host_batch.items()}
+    """Places this process's part of the global batch onto the devices, as `step` takes it."""
+    return self.driver.device_batch(host_batch)
+
+
+def _init_boxed_params(model: nn.Module, batch: dict, rng: jax.Array) -> Any:
+  """The model's parameters, boxed with their logical axis names."""
+  return model.init({'params': rng}, batch['image'], batch['text_ids'],
+                    batch['text_mask'])['params']
 
 
 def _log_setup(config, setup: Setup, start_step: int) -> None:
@@ -144,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   final state and evaluation metrics (as in `results.json`; empty if the run stopped early)."""
   primary = jax.process_index() == 0
   check_workdir(workdir)
-  info = datasets.ensure_built(config.data)
+  info = distributed.primary_first(lambda: datasets.ensure_built(config.data), 'build_data')
   tokenizer = datasets.load_tokenizer(config.data)
   resolve_config(config, tokenizer)
 
