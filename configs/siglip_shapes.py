@@ -4,6 +4,8 @@ temperature init log 10 and learnable bias init -10 (Zhai et al., 2023).
   python -m vlm_jax.train --config=configs/siglip_shapes.py --workdir=runs/siglip_shapes
 
 Variants as in configs/clip_shapes.py ('', 'tiny', 'bench').
+Result on 2 CPU cores (default variant, seed 0): eval/test_novel/zeroshot_top1 0.663,
+eval/test/zeroshot_top1 0.991, eval/test/i2t_recall@1 0.206.
 """
 import importlib.util
 import math

@@ -223,3 +223,21 @@ def test_bfloat16_step_keeps_float32_params_and_optimizer_state():
   assert dtypes == {jnp.dtype(jnp.float32)}
   assert setup.model.image_encoder.dtype == jnp.bfloat16
   assert int(state.step) == 1
+
+
+@pytest.mark.parametrize('layout', ['data2_fsdp2_tensor2', 'pmap8'])
+def test_one_adamw_step_equals_single_device(layout):
+  """The `tiny` config's own optimizer (AdamW, clipping, weight decay; constant rate so the
+  first step moves) gives the same step on a sharded layout as on one device."""
+  def adamw(config):
+    config.optim.update(dict(name='adamw', learning_rate=1e-3, schedule='constant',
+                             warmup_steps=0, grad_clip_norm=1.0, weight_decay=0.1))
+    return config
+  single = adamw(tiny_config())
+  setup = trainer.Setup(single, mesh=partitioning.make_mesh(single.parallel, jax.devices()[:1]))
+  initial_state = jax.device_get(setup.init_state(jax.random.key(0)))
+  _, expected_state, expected = one_step(single, initial_state, jax.devices()[:1])
+  _, state, metrics = one_step(adamw(tiny_config(*LAYOUTS[layout])), initial_state)
+  assert float(metrics['loss']) == pytest.approx(float(expected['loss']), rel=1e-5, abs=1e-5)
+  assert max_abs_diff(jax.device_get(state.params), jax.device_get(expected_state.params)) <= 1e-5
+  assert max_abs_diff(jax.device_get(state.params), initial_state.params) > 1e-4
