@@ -1,0 +1,1 @@
+"""Training-throughput benchmarks: `python -m experiments.benchmarks.run --help`."""

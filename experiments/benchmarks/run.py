@@ -1,0 +1,350 @@
+"""Train-step throughput, FLOPs, MFU, memory, input pipeline and eval speed of a config.
+
+  python -m experiments.benchmarks.run --config=configs/clip_shapes.py[:VARIANT]
+      [--out=bench.json] [--steps=20] [--warmup=3] [--torch=auto|off] [--config.KEY=VALUE]
+
+Everything runs on one device (`jax.devices()[0]`, mesh data=1, `parallel.mode='jit'`), on
+synthetic batches of the config's shapes, except `pipeline_examples_per_sec`, which reads the
+real train stream (the dataset is built on first use, as training would). Prints a table and
+writes the numbers as one flat JSON object (`--out`).
+
+Metrics:
+  step_time_ms: median over `--steps` steps after `--warmup` steps, each timed to
+    `block_until_ready`; examples_per_sec = batch / median step time.
+  compile_time_s: lowering plus compiling the train step.
+  model_tflops_per_step: XLA's count (`compiled.cost_analysis()['flops']`) of the step.
+  analytic_tflops_per_step: see `analytic_flops`.
+  measured_ceiling_tflops: a jitted [n, n] @ [n, n] matmul in the model dtype on the same
+    device (2 n^3 FLOPs), median of several runs.
+  mfu_vs_measured_ceiling, mfu_vs_peak: analytic TFLOP/s achieved by the step over the
+    measured ceiling, and over the device's dense bf16 peak (`PEAK_TFLOPS`; null on CPU).
+  peak_memory_bytes: compiled temp + argument + output bytes of the step (also reported
+    apart), and `device_peak_bytes_in_use` from `device.memory_stats()` where available.
+  pipeline_examples_per_sec: the grain train iterator alone; pipeline_vs_step_ratio is it
+    over examples_per_sec (> 1: the input pipeline keeps up with training).
+  eval_embed_images_per_sec: `Embedder.images` on synthetic images, eval batch size.
+  torch_examples_per_sec, speedup_vs_torch: the PyTorch peer (`torch_peer.py`), or null.
+"""
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+from absl import flags
+
+from vlm_jax import cli
+
+_CONFIG = cli.define_config_flag()
+flags.adopt_module_key_flags(cli)  # `--help` lists --config too
+_OUT = flags.DEFINE_string('out', None, 'Write the results as flat JSON to this file.')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed train steps (the median is reported).',
+                              lower_bound=1)
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed train steps before timing (after '
+                               'compiling).', lower_bound=0)
+_TORCH = flags.DEFINE_enum('torch', 'auto', ['auto', 'off'],
+                           "PyTorch peer: 'auto' runs it when torch and transformers import; "
+                           "'off' skips it.")
+_MATMUL = flags.DEFINE_integer('matmul_size', 0, 'Side n of the square matmul that measures '
+                               'the ceiling; 0 = 2048 on CPU, 8192 on accelerators.',
+                               lower_bound=0)
+_PIPELINE = flags.DEFINE_bool('pipeline', True, 'Measure the input pipeline (builds the '
+                              'dataset if it is not built yet).')
+
+DEFAULT_VOCAB = 64
+# Dense bf16 peak TFLOP/s by `device_kind` prefix (lower case), from the vendors' data sheets.
+PEAK_TFLOPS = (
+    ('nvidia h100', 989.0),   # SXM; the PCIe card is lower (756)
+    ('nvidia h200', 989.0),
+    ('nvidia a100', 312.0),
+    ('tpu v4', 275.0),
+    ('tpu v5 lite', 197.0),   # v5e
+    ('tpu v5e', 197.0),
+    ('tpu v5p', 459.0),
+    ('tpu v5', 459.0),        # 'TPU v5' is how v5p reports itself
+)
+TORCH_SKIP = ('PyTorch peer skipped: torch/transformers not installed '
+              '(pip install torch==2.13.0 transformers)')
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The dense bf16 peak of a device kind, or None when unknown (CPUs)."""
+  kind = device_kind.lower()
+  for prefix, peak in PEAK_TFLOPS:
+    if kind.startswith(prefix):
+      return peak
+  return None
+
+
+def median_seconds(fn: Callable[[], Any], runs: int) -> float:
+  """Median wall time of `runs` calls of `fn` (which must block until its work is done)."""
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def _tower_matmul_params(tower) -> int:
+  """Weights of one transformer tower's matmuls: attention (q, k, v, out) and MLP."""
+  return tower.depth * (4 * tower.width ** 2 + 2 * tower.width * tower.mlp_dim)
+
+
+def analytic_flops(config, batch_size: int) -> float:
+  """Training FLOPs of one step of a dual encoder, by the usual transformer count.
+
+  Per tower with T tokens per example, width d, depth l:
+    6 * N * B * T          matmul weights N (a multiply-add is 2 FLOPs; backward is twice
+                           the forward): l (4 d^2 + 2 d mlp) attention and MLP weights;
+    + 12 * l * B * T^2 * d attention scores and their weighted sum (2 * 2 T^2 d forward).
+  The image tower adds its patch embedding (3 p^2 d weights over (S/p)^2 patches) and has
+  T = (S/p)^2 + 1 tokens with a class token; the text tower has T = max_text_len (the causal
+  mask is counted as full attention, as it is computed). Each projection adds 6 * B * d * E,
+  the contrastive logits 6 * B^2 * E. Embedding lookups, layer norms, activations, softmaxes
+  and a MAP pooling head are not counted.
+  """
+  model, data = config.model, config.data
+  image, text, embed = model.image, model.text, model.embed_dim
+  patches = (data.image_size // image.patch_size) ** 2
+  image_tokens = patches + (1 if image.pool == 'cls' else 0)
+  text_tokens = data.max_text_len
+  flops = 0.0
+  for tower, tokens in ((image, image_tokens), (text, text_tokens)):
+    flops += 6 * _tower_matmul_params(tower) * batch_size * tokens
+    flops += 12 * tower.depth * batch_size * tokens ** 2 * tower.width
+    flops += 6 * batch_size * tower.width * embed
+  flops += 6 * 3 * image.patch_size ** 2 * image.width * batch_size * patches
+  flops += 6 * batch_size ** 2 * embed
+  return flops
+
+
+def _jnp_dtype(name: str):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  return jnp.dtype(name)
+
+
+def matmul_ceiling_tflops(device, dtype: str, size: int, runs: int = 5) -> float:
+  """TFLOP/s of a jitted [size, size] @ [size, size] matmul in `dtype` on `device`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(0))
+  a, b = (jax.device_put(jax.random.normal(k, (size, size), _jnp_dtype(dtype)), device)
+          for k in keys)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, b).block_until_ready()  # compile
+  seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), runs)
+  return 2 * size ** 3 / seconds / 1e12
+
+
+def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
+  """A host batch of the config's shapes: normal images, random ids, full masks."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  batch, size, length = config.train.batch_size, config.data.image_size, config.data.max_text_len
+  return {'image': rng.standard_normal((batch, size, size, 3), np.float32),
+          'text_ids': rng.integers(1, vocab_size, (batch, length), dtype=np.int32),
+          'text_mask': np.ones((batch, length), bool)}
+
+
+def _try_tokenizer(config):
+  """The dataset's tokenizer if the dataset is already built, else None (builds nothing)."""
+  from vlm_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  try:
+    if datasets.get_builder(config.data).is_prepared() and os.path.isfile(
+        datasets.tokenizer_path(config.data)):
+      return datasets.load_tokenizer(config.data)
+  except (OSError, ValueError) as e:
+    logging.warning('Could not load the tokenizer: %s', e)
+  return None
+
+
+def measure_pipeline(config, batches: int) -> tuple[float | None, Any]:
+  """(examples/s of the grain train iterator alone, the tokenizer); builds the dataset."""
+  from vlm_jax.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    datasets.ensure_built(config.data)
+  except (OSError, ValueError) as e:
+    logging.warning('Pipeline not measured, the dataset could not be built: %s', e)
+    return None, None
+  tokenizer = datasets.load_tokenizer(config.data)
+  iterator = pipeline.make_train_iterator(config.data, tokenizer, config.train.batch_size,
+                                          seed=config.seed)
+  for _ in range(2):  # start the threads, fill the prefetch buffer
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  seconds = time.perf_counter() - start
+  return batches * config.train.batch_size / seconds, tokenizer
+
+
+def single_device_config(config) -> None:
+  """Points `config` at one device: mesh data=1, 'jit' mode."""
+  config.parallel.mode = 'jit'
+  config.parallel.mesh.update(dict(data=1, fsdp=1, tensor=1))
+
+
+def _flops_of(compiled) -> float | None:
+  """XLA's FLOP count of a compiled executable (a dict, or a list of one per program)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get('flops')
+  return float(flops) if flops is not None and flops > 0 else None
+
+
+def _memory_of(compiled) -> dict:
+  """Compiled temp / argument / output bytes and their sum."""
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return {'peak_memory_bytes': None}
+  parts = {'temp_bytes': int(memory.temp_size_in_bytes),
+           'argument_bytes': int(memory.argument_size_in_bytes),
+           'output_bytes': int(memory.output_size_in_bytes)}
+  return {'peak_memory_bytes': sum(parts.values()), **parts}
+
+
+def measure_step(config, vocab_size: int, steps: int, warmup: int) -> tuple[dict, Any, Any]:
+  """Compiles and times the train step on one device; returns (metrics, setup, params)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vlm_jax.training import partitioning, trainer  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  setup = trainer.Setup(config, mesh=partitioning.make_mesh(config.parallel, [device]))
+  state = setup.init_state(jax.random.key(config.seed))
+  batch = setup.device_batch(synthetic_batch(config, vocab_size))
+  rng = jax.random.key(1)
+  start = time.perf_counter()
+  with jax.set_mesh(setup.mesh):
+    compiled = setup.train_step.lower(state, batch, rng).compile()
+  compile_time = time.perf_counter() - start
+
+  def one_step():
+    nonlocal state
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready((state, metrics))
+
+  for _ in range(warmup):
+    one_step()
+  step_time = median_seconds(one_step, steps)
+  flops = _flops_of(compiled)
+  stats = device.memory_stats() or {}
+  metrics = {
+      'num_params': setup.num_params,
+      'step_time_ms': step_time * 1e3,
+      'examples_per_sec': config.train.batch_size / step_time,
+      'compile_time_s': compile_time,
+      'model_tflops_per_step': flops / 1e12 if flops else None,
+      **_memory_of(compiled),
+      'device_peak_bytes_in_use': stats.get('peak_bytes_in_use'),
+  }
+  return metrics, setup, state.params
+
+
+def measure_embed(config, model, params, images: int, runs: int = 3) -> float:
+  """Images/s of `Embedder.images` on `images` synthetic images (after one compiling call)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from vlm_jax.eval import runner  # pylint: disable=g-import-not-at-top
+  embedder = runner.Embedder(model, params, None, config.data.max_text_len,
+                             config.eval.batch_size)
+  size = config.data.image_size
+  pixels = np.random.default_rng(0).standard_normal((images, size, size, 3), np.float32)
+  embedder.images(pixels[:embedder.batch_size])  # compile
+  return images / median_seconds(lambda: embedder.images(pixels), runs)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+  return a / b if a is not None and b else None
+
+
+def torch_peer_examples_per_sec(config, vocab_size: int, steps: int, warmup: int,
+                                mode: str) -> float | None:
+  """The PyTorch peer's examples/s, or None (and a printed reason) when it does not run."""
+  if mode == 'off':
+    print('PyTorch peer skipped: --torch=off')
+    return None
+  from experiments.benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
+  if not torch_peer.available():
+    print(TORCH_SKIP)
+    return None
+  return torch_peer.examples_per_sec(config, vocab_size, steps=steps, warmup=warmup)
+
+
+def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_size: int = 0,
+              with_pipeline: bool = True) -> dict:
+  """All the metrics of the module docstring for `config`, as one flat dict."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from vlm_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  single_device_config(config)
+  device = jax.devices()[0]
+  pipeline_rate, tokenizer = (measure_pipeline(config, max(steps, 5)) if with_pipeline
+                              else (None, None))
+  tokenizer = tokenizer or _try_tokenizer(config)
+  if tokenizer is not None:
+    trainer.resolve_config(config, tokenizer)
+  elif config.model.text.vocab_size == 0:
+    config.model.text.vocab_size = DEFAULT_VOCAB
+  vocab = config.model.text.vocab_size
+  results: dict[str, Any] = {
+      'config': config.model.name, 'device_kind': device.device_kind,
+      'backend': jax.default_backend(), 'batch_size': config.train.batch_size,
+      'dtype': config.model.dtype, 'vocab_size': vocab, 'steps': steps, 'warmup': warmup}
+  step_metrics, setup, params = measure_step(config, vocab, steps, warmup)
+  results.update(step_metrics)
+  analytic = analytic_flops(config, config.train.batch_size)
+  results['analytic_tflops_per_step'] = analytic / 1e12
+  achieved = analytic / 1e12 / (results['step_time_ms'] / 1e3)
+  results['achieved_analytic_tflops'] = achieved
+  size = matmul_size or (2048 if jax.default_backend() == 'cpu' else 8192)
+  results['matmul_size'] = size
+  results['measured_ceiling_tflops'] = matmul_ceiling_tflops(device, config.model.dtype, size)
+  results['mfu_vs_measured_ceiling'] = _ratio(achieved, results['measured_ceiling_tflops'])
+  results['peak_tflops'] = peak_tflops(device.device_kind)
+  results['mfu_vs_peak'] = _ratio(achieved, results['peak_tflops'])
+  results['pipeline_examples_per_sec'] = pipeline_rate
+  results['pipeline_vs_step_ratio'] = _ratio(pipeline_rate, results['examples_per_sec'])
+  results['eval_embed_images_per_sec'] = measure_embed(
+      config, setup.model, params, 2 * config.eval.batch_size)
+  torch_rate = torch_peer_examples_per_sec(config, vocab, steps, warmup, torch_mode)
+  results['torch_examples_per_sec'] = torch_rate
+  results['speedup_vs_torch'] = _ratio(results['examples_per_sec'], torch_rate)
+  return results
+
+
+def _format(value: Any) -> str:
+  if value is None:
+    return 'n/a'
+  if isinstance(value, float):
+    return f'{value:.4g}' if abs(value) < 1e5 else f'{value:,.0f}'
+  if isinstance(value, int) and not isinstance(value, bool):
+    return f'{value:,}'
+  return str(value)
+
+
+def table(results: dict) -> str:
+  """The results as a two-column text table."""
+  width = max(len(k) for k in results)
+  lines = [f'{"metric".ljust(width)}  value', f'{"-" * width}  {"-" * 12}']
+  lines += [f'{k.ljust(width)}  {_format(v)}' for k, v in results.items()]
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  logging.getLogger().setLevel(logging.WARNING)
+  config = cli.load_config(_CONFIG, sys.argv)
+  results = benchmark(config, _STEPS.value, _WARMUP.value, _TORCH.value, _MATMUL.value,
+                      _PIPELINE.value)
+  results = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+             for k, v in results.items()}
+  print(table(results))
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      json.dump(results, f, indent=2)
+    print(f'Wrote {_OUT.value}')
+
+
+if __name__ == '__main__':
+  cli.run(main)
