@@ -16,7 +16,7 @@ class UserError(Exception):
   """An error caused by the user's input; printed as one line, without a traceback."""
 
 
-def define_config_flag(required: bool = True):
+def define_config_flag():
   return config_flags.DEFINE_config_file(
       'config', None,
       'Config file, `configs/NAME.py[:VARIANT]`; override values with `--config.KEY=VALUE`.',
