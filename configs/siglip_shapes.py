@@ -7,21 +7,13 @@ Variants as in configs/clip_shapes.py ('', 'tiny', 'bench').
 Result on 2 CPU cores (default variant, seed 0): eval/test_novel/zeroshot_top1 0.663,
 eval/test/zeroshot_top1 0.991, eval/test/i2t_recall@1 0.206.
 """
-import importlib.util
 import math
-import os
 
-
-def _clip_config(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'clip_shapes.py')
-  spec = importlib.util.spec_from_file_location('clip_shapes', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from vlm_jax.config_utils import sibling_config
 
 
 def get_config(arg: str | None = None):
-  c = _clip_config(arg)
+  c = sibling_config(__file__, 'clip_shapes', arg)
   c.loss.name = 'sigmoid'
   c.model.temperature.init = math.log(10.0)
   c.model.temperature.max = math.log(1e4)  # released SigLIP scales sit above CLIP's ln 100

@@ -130,11 +130,11 @@ def test_logical_axis_names(scan_layers):
 
 
 @pytest.mark.parametrize('overrides,match', [
-    (dict(name='fusion_encoder'), "model.name 'fusion_encoder'; accepted: dual_encoder"),
+    (dict(name='vqvae'), "model.name 'vqvae'; accepted: dual_encoder"),
     (dict(image=dict(name='resnet9')), "model.image.name 'resnet9'; accepted: vit"),
     (dict(image=dict(pool='max')), 'model.image.pool .*accepted: cls, map, gap'),
     (dict(image=dict(posemb='rope')), 'model.image.posemb .*accepted: learn, sincos2d'),
-    (dict(text=dict(pool='last')), 'model.text.pool .*accepted: eot, cls, mean'),
+    (dict(text=dict(pool='max')), 'model.text.pool .*accepted: eot, cls, mean, last'),
     (dict(text=dict(name='lstm')), 'model.text.name .*accepted: transformer'),
     (dict(remat='some'), 'model.remat .*accepted: none, full, dots_saveable'),
     (dict(dtype='fp8'), 'model.dtype .*accepted: float32, bfloat16, float16'),

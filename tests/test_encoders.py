@@ -47,6 +47,18 @@ def test_vit_runs_and_cls_pool_is_first_token():
   assert np.isfinite(np.asarray(x)).all()
 
 
+def test_vit_posemb_grid_is_stored_once_and_resized():
+  module = _vit(posemb_grid=4)  # 4 x 4 patches of 8 px: 32 px
+  big, small = jnp.ones((1, 32, 32, 3)), jnp.ones((1, 16, 24, 3))
+  variables = jax.jit(module.init)(jax.random.key(0), big)
+  assert nn.unbox(variables)['params']['pos_embed'].shape == (1 + 16, 32)
+  _, x = jax.jit(module.apply)(variables, small)  # a 2 x 3 grid: positions resized
+  assert x.shape == (1, 1 + 6, 32) and np.isfinite(np.asarray(x)).all()
+  # At the stored grid nothing is resized: the same as positions made for that size.
+  np.testing.assert_array_equal(jax.jit(module.apply)(variables, big)[1],
+                                jax.jit(_vit().apply)(variables, big)[1])
+
+
 @pytest.mark.parametrize('shape,match', [
     ((2, 32, 32, 1), r'\[batch, height, width, 3\]'),
     ((2, 3, 32, 32), r'\[batch, height, width, 3\]'),
@@ -115,8 +127,8 @@ def test_text_errors():
   ids, mask = _text_inputs()
   with pytest.raises(ValueError, match='exceeds the 4 learned positions'):
     jax.eval_shape(_text(max_len=4).init, jax.random.key(0), ids, mask)
-  with pytest.raises(ValueError, match="accepted: eot, cls, mean"):
-    jax.eval_shape(_text(pool='last').init, jax.random.key(0), ids, mask)
+  with pytest.raises(ValueError, match="accepted: eot, cls, mean, last"):
+    jax.eval_shape(_text(pool='max').init, jax.random.key(0), ids, mask)
 
 
 def test_text_scan_remat_shapes():

@@ -1,4 +1,5 @@
 """Optimizer from config: schedule values, weight-decay mask, clipping."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -60,3 +61,68 @@ def test_unknown_names():
   optim.schedule, optim.name = 'cosine', 'adamx'
   with pytest.raises(ValueError, match='accepted'):
     optimizer.make_optimizer(optim, 10)
+
+
+def _groups_params():
+  return {'image_encoder': {'kernel': jnp.ones((3, 2))}, 'image_proj': {'kernel': jnp.ones((2, 2))},
+          'text_encoder': {'kernel': jnp.ones((3, 2)), 'bias': jnp.ones((2,))},
+          'text_proj': {'kernel': jnp.ones((2, 2))}, 't': jnp.ones(())}
+
+
+def test_frozen_parameters_stay_bit_identical_and_carry_no_state():
+  optim = base_config().optim
+  optim.update(dict(warmup_steps=0, schedule='constant', frozen=('image',)))
+  tx, _ = optimizer.make_optimizer(optim, 10)
+  params = _groups_params()
+  state = tx.init(params)
+  trainable = sum(x.size for k, v in params.items() if not k.startswith('image')
+                  for x in jax.tree.leaves(v))
+  # Adam's two moments for trainable leaves only (plus step counts).
+  assert 2 * trainable <= sum(x.size for x in jax.tree.leaves(state)) < 2 * trainable + 8
+  for i in range(3):
+    grads = jax.tree.map(lambda x: (i + 1.0) * x, params)
+    updates, state = tx.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    assert not np.array_equal(new['text_encoder']['kernel'], params['text_encoder']['kernel'])
+    params = new
+  np.testing.assert_array_equal(params['image_encoder']['kernel'], np.ones((3, 2)))
+  np.testing.assert_array_equal(params['image_proj']['kernel'], np.ones((2, 2)))
+
+
+def test_frozen_gradients_do_not_count_towards_clipping():
+  optim = base_config().optim
+  optim.update(dict(name='sgd', b1=0.0, learning_rate=1.0, warmup_steps=0, schedule='constant',
+                    weight_decay=0.0, grad_clip_norm=1.0, frozen=('a',)))
+  tx, _ = optimizer.make_optimizer(optim, 10)
+  params = {'a': jnp.zeros((2,)), 'w': jnp.zeros((2,))}
+  updates, _ = tx.update({'a': jnp.array([100.0, 0.0]), 'w': jnp.array([0.3, 0.4])},
+                         tx.init(params), params)
+  np.testing.assert_allclose(updates['w'], [-0.3, -0.4], rtol=1e-6)  # not clipped
+  np.testing.assert_array_equal(updates['a'], [0.0, 0.0])
+
+
+def test_lr_multipliers_scale_updates_by_first_match():
+  optim = base_config().optim
+  optim.update(dict(name='sgd', b1=0.0, learning_rate=1.0, warmup_steps=0, schedule='constant',
+                    weight_decay=0.0, grad_clip_norm=0.0,
+                    lr_multipliers=(('text_encoder/bias', 0.5), ('text', 0.1))))
+  tx, _ = optimizer.make_optimizer(optim, 10)
+  params = _groups_params()
+  updates, _ = tx.update(params, tx.init(params), params)  # gradients of ones
+  np.testing.assert_allclose(updates['text_encoder']['bias'], -0.5)
+  np.testing.assert_allclose(updates['text_encoder']['kernel'], -0.1)
+  np.testing.assert_allclose(updates['text_proj']['kernel'], -0.1)
+  np.testing.assert_allclose(updates['image_encoder']['kernel'], -1.0)
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('frozen', ('imag_encoder',), "optim.frozen pattern 'imag_encoder' matches no parameter"),
+    ('lr_multipliers', (('txt', 0.1),), "optim.lr_multipliers pattern 'txt'"),
+    ('lr_multipliers', (('text',),), r'\(regex, factor\) pairs'),
+])
+def test_group_errors(key, value, match):
+  optim = base_config().optim
+  optim[key] = value
+  with pytest.raises(ValueError, match=match):
+    tx, _ = optimizer.make_optimizer(optim, 10)
+    tx.init(_groups_params())

@@ -1,6 +1,8 @@
 """Config checks shared by the entry points: unknown keys, bad values, config identity."""
 import difflib
+import importlib.util
 import json
+import os
 from typing import Any, Iterator
 
 import ml_collections
@@ -58,3 +60,16 @@ def diff(a: dict, b: dict) -> list[str]:
     if va != vb:
       lines.append(f'{key}: {va!r} vs {vb!r}')
   return lines
+
+
+def sibling_config(config_file: str, name: str, arg: str | None = None
+                   ) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of `configs/<name>.py` beside `config_file`: lets one config file
+  start from another (`sibling_config(__file__, 'clip_shapes', arg)`)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f'{name}.py')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'Config {path!r} does not exist.')
+  spec = importlib.util.spec_from_file_location(f'_vlm_jax_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
       mean=(0.5, 0.5, 0.5),     # per-channel normalisation of [0, 1] pixels
       std=(0.5, 0.5, 0.5),
       flip=False,               # horizontal flip, with left/right swapped in captions
+      hard_negatives=False,     # add a false caption per two-object image (for ITM)
       num_threads=2,
       prefetch=4,
   )
@@ -34,13 +35,34 @@ def base_config() -> ml_collections.ConfigDict:
           name='vit', patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512,
           pool='cls', posemb='learn', ln_pre=True, quick_gelu=False, proj_bias=False,
           patch_bias=False,     # bias on the patch embedding (CLIP has none)
-          ln_eps=1e-5, dropout=0.0),
+          ln_eps=1e-5, dropout=0.0,
+          gelu_tanh=False,      # tanh-approximated GELU (SigLIP); exclusive with quick_gelu
+          posemb_grid=0,        # side of the stored position grid, resized to other image
+                                # sizes; 0 = the grid of data.image_size (no resizing)
+          proj=True,            # False: the pooled output is the embedding (SigLIP)
+          pooler=False),        # model 'image_encoder': dense + tanh on the pooled token (HF ViT)
       text=dict(
           name='transformer', vocab_size=0,   # 0 = taken from the tokenizer
           width=128, depth=2, num_heads=4, mlp_dim=512, causal=True, pool='eot',
-          quick_gelu=False, proj_bias=False, ln_eps=1e-5, dropout=0.0),
-      fusion=dict(name=''),
-      heads=dict(),
+          quick_gelu=False, proj_bias=False, ln_eps=1e-5, dropout=0.0,
+          gelu_tanh=False,
+          max_len=0,            # learned positions; 0 = data.max_text_len
+          post_ln=False,        # BERT layout: embedding LayerNorm, post-LN blocks, no final LN
+          type_vocab_size=0,    # > 0: BERT's token-type embedding (type 0)
+          mask_pad=True,        # False: attend to padding tokens (SigLIP, pool='last')
+          proj=True),           # False: the pooled output is the embedding
+      # A fusion layer (vlm_jax/fusion) on the towers' tokens; name '' = a plain dual encoder.
+      fusion=dict(
+          name='',              # 'cross_attention' | 'gated_xattn' | 'qformer' | 'merged'
+          width=0,              # D of the fused stream; 0 = the text tower's width
+          depth=2, num_heads=4, mlp_dim=512, dropout=0.0, ln_eps=1e-5,
+          causal=False,         # causal self-attention in the fused text stream (Flamingo)
+          every=1,              # gated_xattn: gated block before every k-th LM block;
+                                # qformer: cross-attention every k-th layer (BLIP-2: 2)
+          num_queries=32,       # qformer: learned query tokens
+          pool='first',         # ITM pooling of fused text tokens: 'first' | 'eot' | 'mean'
+      ),
+      heads=dict(itm=True, mlm=True),   # heads of a fusion model (ignored without fusion)
       temperature=dict(init=2.6592600369644165,  # ln(1 / 0.07)
                        min=0.0, max=4.605170185988092,  # ln(100)
                        bias_init=0.0, learn_bias=False),
@@ -53,12 +75,25 @@ def base_config() -> ml_collections.ConfigDict:
   # block_size: the sigmoid ring scores each [b, b] chunk (b = per-device batch) in column
   # blocks of the largest divisor of b that is <= block_size, so its per-device memory is
   # O(b * block_size + B * E), linear in the global batch B (also used under pmap).
-  c.loss = dict(name='softmax', weights=dict(), sharded=False, block_size=256)
+  # weights: of each objective of a fusion model (vlm_jax/training/objectives.py); itc is the
+  # contrastive loss `name`, itm image-text matching with hard negatives, mlm masked language
+  # modelling with visual context. A dual encoder trains on itc alone.
+  # itm_negative_scale: ITM negatives are drawn with probability softmax(scale * cosine);
+  # -1 = the model's contrastive logit scale (ALBEF). A small scale draws nearly uniform
+  # negatives, which matters where the batch's most similar captions are often true ones.
+  # mlm_mask_id: the [MASK] token id; -1 = the tokenizer's (filled in by the trainer).
+  c.loss = dict(name='softmax', weights=dict(itc=1.0, itm=1.0, mlm=1.0), sharded=False,
+                block_size=256, itm_negative_scale=-1.0, mlm_probability=0.15,
+                mlm_mask_id=-1)
 
+  # frozen: regexes matched (re.match) against '/'-joined parameter paths; matching
+  # parameters are never updated and carry no optimizer state ('image' locks image_encoder
+  # and image_proj: LiT). lr_multipliers: ((regex, factor), ...), the first match scales that
+  # parameter's update (learning rate and weight decay). See vlm_jax/training/optimizer.py.
   c.optim = dict(
       name='adamw', learning_rate=1e-3, warmup_steps=100, schedule='cosine',
       end_learning_rate_factor=0.0, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
-      grad_clip_norm=1.0)
+      grad_clip_norm=1.0, frozen=(), lr_multipliers=())
 
   # mode 'jit': one global program partitioned by XLA over the ('data', 'fsdp', 'tensor')
   # mesh; parameters and optimizer state are sharded by `rules` (logical axis name -> mesh
@@ -99,8 +134,19 @@ def base_config() -> ml_collections.ConfigDict:
       zeroshot=True,
       retrieval=True,
       max_examples=0,           # 0 = the whole split
+      # true caption vs relation- and attribute-swapped ones (every model); fusion models
+      # add ITM accuracy and retrieval with the top `rerank_k` candidates re-ranked by ITM.
+      matching=True,
+      rerank_k=16,
       prompt_templates=('a {}', 'a small {}', 'a large {}', 'a picture of a {}'),
   )
 
   c.checkpoint = dict(every_steps=500, keep=3, async_save=True)
+
+  # pretrained: a workdir of `python -m vlm_jax.convert` or of a training run; the trainer
+  # starts from its parameters when its own workdir has no checkpoint, and evaluate uses them
+  # when given. include: regexes matched (re.match) against '/'-joined parameter paths
+  # ('image' = image_encoder/... and image_proj/...); () = all parameters. The model config
+  # of what is loaded (towers, data.mean/std, tokenizer) comes from the pretrained workdir.
+  c.init = dict(pretrained='', include=())
   return c

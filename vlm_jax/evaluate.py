@@ -2,6 +2,11 @@
 
   python -m vlm_jax.evaluate --config=configs/clip_shapes.py --workdir=runs/clip_shapes
 
+Zero-shot from pretrained parameters (`python -m vlm_jax.convert --from=hf ...`), with or
+without a --workdir to write results into:
+
+  python -m vlm_jax.evaluate --config=configs/clip_vit_b16.py --config.init.pretrained=WORKDIR
+
 Takes the multi-process flags of `vlm_jax.train` (see `vlm_jax/training/distributed.py`).
 """
 import json
@@ -15,30 +20,39 @@ from vlm_jax import cli
 from vlm_jax.training import distributed
 
 _CONFIG = cli.define_config_flag()
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run (with checkpoints/).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a training run (with checkpoints/); '
+                                'optional with --config.init.pretrained (results are written '
+                                'there when given).')
 distributed.define_flags()
 
 
-def evaluate_workdir(config, workdir: str) -> dict:
-  """Restores the latest checkpoint in `workdir` and runs `config.eval`."""
+def evaluate_workdir(config, workdir: str | None) -> dict:
+  """Runs `config.eval` on the latest checkpoint in `workdir`, or, when there is none, on the
+  parameters of `config.init.pretrained`; writes results into `workdir` if given."""
   import jax  # pylint: disable=g-import-not-at-top
   from vlm_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from vlm_jax.eval import runner  # pylint: disable=g-import-not-at-top
-  from vlm_jax.training import checkpointing, trainer, writers  # pylint: disable=g-import-not-at-top
+  from vlm_jax.training import checkpointing, pretrained, trainer, writers  # pylint: disable=g-import-not-at-top
 
+  pretrained.apply_config(config)
   distributed.primary_first(lambda: datasets.ensure_built(config.data), 'build_data')
   tokenizer = datasets.load_tokenizer(config.data)
   trainer.resolve_config(config, tokenizer)
-  checkpointer = checkpointing.Checkpointer(workdir, config)
-  step = checkpointer.latest_step()
-  if step is None:
+  checkpointer = checkpointing.Checkpointer(workdir, config) if workdir else None
+  step = checkpointer.latest_step() if checkpointer else None
+  if step is None and not config.init.pretrained:
     raise cli.UserError(f'No checkpoint in {checkpointer.directory}; train first with '
-                        f'python -m vlm_jax.train --workdir={workdir}')
+                        f'python -m vlm_jax.train --workdir={workdir}, or evaluate pretrained '
+                        'parameters with --config.init.pretrained=WORKDIR')
   setup = trainer.Setup(config)
-  state, _ = checkpointer.restore(step, setup.abstract_state)
-  checkpointer.close()
+  if step is not None:
+    state, _ = checkpointer.restore(step, setup.abstract_state)
+  else:
+    state, step = pretrained.load_into_state(config, setup.init_state(jax.random.key(0))), 0
+  if checkpointer:
+    checkpointer.close()
   results = runner.evaluate(config, setup.model, state.params, tokenizer)
-  if jax.process_index() == 0:
+  if workdir and jax.process_index() == 0:
     writer = writers.MetricWriter(workdir)
     writer.write(step, results)
     writer.close()
@@ -55,12 +69,13 @@ def main(argv: list[str]) -> None:
   except ValueError as e:
     raise cli.UserError(str(e)) from None
   config = cli.load_config(_CONFIG, sys.argv)
-  if not _WORKDIR.value:
-    raise cli.UserError('--workdir is required')
-  from vlm_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  if not _WORKDIR.value and not config.init.pretrained:
+    raise cli.UserError('--workdir is required (or --config.init.pretrained=WORKDIR to evaluate '
+                        'pretrained parameters)')
+  from vlm_jax.training import checkpointing, pretrained  # pylint: disable=g-import-not-at-top
   try:
     results = evaluate_workdir(config, _WORKDIR.value)
-  except (checkpointing.CheckpointMismatchError, OSError) as e:
+  except (checkpointing.CheckpointMismatchError, pretrained.PretrainedError, OSError) as e:
     raise cli.UserError(str(e)) from None
   for key, value in sorted(results.items()):
     print(f'{key}: {value:.4f}')

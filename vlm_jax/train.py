@@ -31,10 +31,11 @@ def main(argv: list[str]) -> None:
   config = cli.load_config(_CONFIG, sys.argv)
   if not _WORKDIR.value:
     raise cli.UserError('--workdir is required, e.g. --workdir=runs/clip_shapes')
-  from vlm_jax.training import checkpointing, trainer  # pylint: disable=g-import-not-at-top
+  from vlm_jax.training import checkpointing, pretrained, trainer  # pylint: disable=g-import-not-at-top
   try:
     trainer.train_and_evaluate(config, _WORKDIR.value)
-  except (checkpointing.CheckpointMismatchError, OSError, FloatingPointError) as e:
+  except (checkpointing.CheckpointMismatchError, pretrained.PretrainedError, OSError,
+          FloatingPointError) as e:
     raise cli.UserError(str(e)) from None
 
 

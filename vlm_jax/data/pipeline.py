@@ -60,20 +60,47 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
     records_ = source.__getitems__(ids)  # one batched read
   else:
     records_ = [source[i] for i in ids]
-  images, captions = [], []
+  images, captions, negatives = [], [], []
   for r, record in enumerate(records_):
     features = records.parse(record)
     h = _hash(seed, batch_index * size + r)
     options = records.texts(features, 'captions')
     caption = options[h % len(options)]
     image = records.image(features)  # [S, S, 3] uint8
+    negative = _hard_negative(features, caption, h) if data_cfg.hard_negatives else ''
     if data_cfg.flip and h >> 63:
       image, caption = image[:, ::-1], shapes_text.flip_caption(caption)
+      negative = shapes_text.flip_caption(negative)
     images.append(image)
     captions.append(caption)
+    negatives.append(negative)
   ids, mask = tokenizer.encode_batch(captions, data_cfg.max_text_len)  # [b, L] each
-  return {'image': normalize_images(np.stack(images), data_cfg),  # [b, S, S, 3] float32
-          'text_ids': ids, 'text_mask': mask}
+  batch = {'image': normalize_images(np.stack(images), data_cfg),  # [b, S, S, 3] float32
+           'text_ids': ids, 'text_mask': mask}
+  if data_cfg.hard_negatives:
+    batch['neg_text_ids'], batch['neg_text_mask'] = tokenizer.encode_batch(
+        negatives, data_cfg.max_text_len)
+    batch['neg_valid'] = np.asarray([bool(n) for n in negatives])  # [b]
+  return batch
+
+
+def _hard_negative(features: records.Features, caption: str, h: int) -> str:
+  """A false version of `caption` (a caption of this two-object scene): its objects
+  exchanged (relation) or their colours exchanged (attributes), picked by bit 62 of the
+  example's hash among those that are surely false; '' when there is none (one object, or
+  a caption that either swap could leave true).
+
+  The negative is made from the caption itself, not from a canonical one, so that the
+  pair differs only in the swap: otherwise a matching head can tell the two apart by their
+  wording alone.
+  """
+  colors = records.texts(features, 'objects/color')
+  shapes = records.texts(features, 'objects/shape')
+  options = [n for n in (shapes_text.swap_objects(caption, colors, shapes),
+                         shapes_text.swap_colors(caption, colors, shapes)) if n]
+  if not options:
+    return ''
+  return options[(h >> 62) & 1] if len(options) == 2 else options[0]
 
 
 def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
@@ -82,7 +109,9 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
   """The infinite, shuffled train stream of this process's batches.
 
   Batches are dicts: `image` float32 [b, S, S, 3] (normalised), `text_ids` int32 [b, L] and
-  `text_mask` bool [b, L], with b = global_batch_size // process_count, L = max_text_len.
+  `text_mask` bool [b, L], with b = global_batch_size // process_count, L = max_text_len;
+  with `data.hard_negatives` also `neg_text_ids` [b, L], `neg_text_mask` [b, L] and
+  `neg_valid` bool [b] (a false caption of the same image, see `_hard_negative`).
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f'The global batch size ({global_batch_size}) must be positive and '

@@ -126,3 +126,63 @@ def questions_answers(scene: shapes_scene.Scene,
     qa += [('how many objects are there?', 'two'),
            (f'is the {a.name} {word} the {b.name}?', 'yes' if truth else 'no')]
   return [q for q, _ in qa], [ans for _, ans in qa]
+
+
+def attribute_negative(colors: list[str], shapes: list[str], hard_negative_caption: str) -> str:
+  """The canonical caption with the two objects' colours exchanged ('' when that changes
+  nothing: one object, or both the same colour).
+
+  'a red circle to the left of a blue square' -> 'a blue circle to the left of a red square'.
+  The relation phrase is read from the stored relation hard negative
+  ('a {color1} {shape1} {rel} a {color0} {shape0}'), so no geometry is recomputed.
+  """
+  if len(colors) != 2 or colors[0] == colors[1]:
+    return ''
+  (c0, c1), (s0, s1) = colors, shapes
+  head, tail = f'a {c1} {s1} ', f' a {c0} {s0}'
+  if not (hard_negative_caption.startswith(head) and hard_negative_caption.endswith(tail)):
+    raise ValueError(f'Hard negative {hard_negative_caption!r} does not name the objects '
+                     f'{c0} {s0} and {c1} {s1}.')
+  relation = hard_negative_caption[len(head):-len(tail)]
+  return f'a {c1} {s0} {relation} a {c0} {s1}'
+
+
+_RELATION_PHRASES = tuple(_REL_PHRASE.values())
+
+
+def _exchange(text: str, x: str, y: str) -> str:
+  """`text` with every whole-word occurrence of `x` and `y` exchanged."""
+  pattern = re.compile(rf'\b({re.escape(x)}|{re.escape(y)})\b')
+  return pattern.sub(lambda m: y if m.group(0) == x else x, text)
+
+
+def _relational(caption: str) -> bool:
+  return any(f' {phrase} ' in caption for phrase in _RELATION_PHRASES)
+
+
+def swap_objects(caption: str, colors: list[str], shapes: list[str]) -> str:
+  """A two-object caption with its two objects ('red circle', 'blue star') exchanged: false
+  for captions stating a relation; '' for others (where it could stay true) and when
+  nothing changes.
+
+  'a small red circle above a blue star' -> 'a small blue star above a red circle'.
+  """
+  if len(colors) != 2 or not _relational(caption):
+    return ''
+  a, b = f'{colors[0]} {shapes[0]}', f'{colors[1]} {shapes[1]}'
+  swapped = _exchange(caption, a, b) if a != b else caption
+  return swapped if swapped != caption else ''
+
+
+def swap_colors(caption: str, colors: list[str], shapes: list[str]) -> str:
+  """A two-object caption with the objects' colours exchanged, or '' when that could leave
+  it true (same colours; same shapes without a stated relation) or changes nothing.
+
+  'a red circle and a blue star' -> 'a blue circle and a red star'.
+  """
+  if len(colors) != 2 or colors[0] == colors[1]:
+    return ''
+  if shapes[0] == shapes[1] and not _relational(caption):
+    return ''
+  swapped = _exchange(caption, colors[0], colors[1])
+  return swapped if swapped != caption else ''

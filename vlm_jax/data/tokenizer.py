@@ -2,7 +2,12 @@
 
 Encoded rows are `[BOS] tokens [EOS] [PAD]...`; a text too long for the row is cut so that
 EOS is always its last real token, because EOT pooling reads the first EOS position.
+
+Tokenizers of pretrained checkpoints (`vlm_jax.convert`) name their own special tokens, lack
+some (SigLIP has no BOS, CLIP no [MASK]) and normalise texts themselves; a
+`special_tokens.json` beside their `tokenizer.json` records that (see `Tokenizer.from_file`).
 """
+import json
 import os
 from typing import Iterable, Mapping, Sequence
 
@@ -14,6 +19,7 @@ from tokenizers import models, normalizers, pre_tokenizers, trainers
 # CLIP text model switches to legacy argmax pooling when eos_token_id == 2.
 SPECIAL_TOKENS = {'pad': '[PAD]', 'unk': '[UNK]', 'bos': '[BOS]', 'eos': '[EOS]',
                   'mask': '[MASK]', 'cls': '[CLS]'}
+SPECIALS_FILE = 'special_tokens.json'  # beside tokenizer.json: {special_tokens, lowercase}
 
 
 class Tokenizer:
@@ -26,7 +32,9 @@ class Tokenizer:
       lowercase: lower-case texts before encoding.
       special_tokens: names of the special tokens, keyed like SPECIAL_TOKENS (pad, unk,
         bos, eos, mask, cls); those given override SPECIAL_TOKENS' names, e.g.
-        {'bos': '<|startoftext|>', 'eos': '<|endoftext|>'}.
+        {'bos': '<|startoftext|>', 'eos': '<|endoftext|>'}. None marks a token the
+        tokenizer does not have (its id is then None; rows start without BOS when BOS is
+        None); pad and eos are required.
       source: where the tokenizer came from, for error messages.
     """
     self._tok = tokenizer
@@ -36,29 +44,57 @@ class Tokenizer:
     if unknown_keys:
       raise ValueError(f'Unknown special token keys {sorted(unknown_keys)}; accepted: '
                        f'{sorted(SPECIAL_TOKENS)}.')
+    if names['pad'] is None or names['eos'] is None:
+      raise ValueError(f'Tokenizer from {source}: the pad and eos special tokens are required.')
+    self._names = names
+    present = {name for name in names.values() if name is not None}
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if vocab_size <= len(names):
+    if vocab_size <= len(present):
       raise ValueError(f'Tokenizer from {source} has {vocab_size} tokens: nothing beyond its '
-                       f'{len(names)} special tokens (is it empty?).')
-    missing = [name for name in names.values() if tokenizer.token_to_id(name) is None]
+                       f'{len(present)} special tokens (is it empty?).')
+    missing = sorted(name for name in present if tokenizer.token_to_id(name) is None)
     if missing:
       raise ValueError(f'Tokenizer from {source} lacks the special tokens {missing}; pass '
                        'special_tokens={...} naming its own (keys: '
                        f'{sorted(SPECIAL_TOKENS)}).')
-    self._ids = {key: tokenizer.token_to_id(name) for key, name in names.items()}
-    self._special_ids = frozenset(self._ids.values())
+    self._ids = {key: None if name is None else tokenizer.token_to_id(name)
+                 for key, name in names.items()}
+    self._special_ids = frozenset(i for i in self._ids.values() if i is not None)
 
   @classmethod
   def from_file(cls, path: str, **kwargs) -> 'Tokenizer':
-    """Loads a `tokenizer.json`; kwargs go to the constructor."""
+    """Loads a `tokenizer.json`; kwargs go to the constructor.
+
+    A `special_tokens.json` in the same directory, `{"special_tokens": {...}, "lowercase":
+    false}`, supplies the constructor's arguments (those in kwargs take precedence).
+    """
     if not os.path.isfile(path):
       raise FileNotFoundError(f'No tokenizer file at {path!r}: expected a tokenizer.json '
                               '(set --config.data.tokenizer, or leave it empty to use the '
                               "dataset's own).")
+    specials = os.path.join(os.path.dirname(path), SPECIALS_FILE)
+    if os.path.isfile(specials):
+      with open(specials) as f:
+        kwargs = {**json.load(f), **kwargs}
     return cls(tokenizers.Tokenizer.from_file(path), source=path, **kwargs)
 
   def save(self, path: str) -> None:
+    """Writes `path` (tokenizer.json) and, unless the specials and lowercasing are the
+    defaults, `special_tokens.json` beside it."""
     self._tok.save(path)
+    if self._names != SPECIAL_TOKENS or not self.lowercase:
+      with open(os.path.join(os.path.dirname(path), SPECIALS_FILE), 'w') as f:
+        json.dump({'special_tokens': self._names, 'lowercase': self.lowercase}, f, indent=2)
+
+  @property
+  def backend(self) -> tokenizers.Tokenizer:
+    """The underlying `tokenizers.Tokenizer`."""
+    return self._tok
+
+  @property
+  def special_tokens(self) -> dict[str, str | None]:
+    """Names of the special tokens by key (pad, unk, bos, eos, mask, cls); None if absent."""
+    return dict(self._names)
 
   @property
   def vocab_size(self) -> int:
@@ -93,7 +129,8 @@ class Tokenizer:
 
     Returns:
       ids: int32 [B, L], `[BOS] tokens [EOS] [PAD]...`; a text with more than L - 2 tokens
-        keeps its first L - 2, so EOS is always present.
+        keeps its first L - 2, so EOS is always present. Without a BOS token, rows start
+        with the text's tokens (and keep L - 1 of them).
       mask: bool [B, L], True on BOS, tokens and EOS.
     """
     if isinstance(texts, str):
@@ -104,8 +141,9 @@ class Tokenizer:
     encodings = self._tok.encode_batch(texts, add_special_tokens=False)
     ids = np.full((len(texts), max_len), self.pad_id, np.int32)
     mask = np.zeros((len(texts), max_len), np.bool_)
+    bos = [] if self.bos_id is None else [self.bos_id]
     for row, encoding in enumerate(encodings):
-      tokens = [self.bos_id] + encoding.ids[:max_len - 2] + [self.eos_id]
+      tokens = bos + encoding.ids[:max_len - 1 - len(bos)] + [self.eos_id]
       ids[row, :len(tokens)] = tokens
       mask[row, :len(tokens)] = True
     return ids, mask

@@ -11,7 +11,7 @@ from vlm_jax.nn.pooling import cls_pool, eot_pool, mean_pool
 from vlm_jax.nn.transformer import ACTIVATION_AXES, Encoder, layer_norm
 
 Dtype = Any
-POOLS = ('eot', 'cls', 'mean')
+POOLS = ('eot', 'cls', 'mean', 'last')
 
 
 class TextTransformer(nn.Module):
@@ -23,7 +23,13 @@ class TextTransformer(nn.Module):
     max_len: number of learned positions; inputs may be shorter, never longer.
     causal: CLIP's causal self-attention; False for bidirectional (BERT) attention. Padding
       keys are masked in both cases.
-    pool: 'eot' (the EOS token, the last real token: CLIP), 'cls' (first token) or 'mean'.
+    pool: 'eot' (the EOS token, the last real token: CLIP), 'cls' (first token), 'mean', or
+      'last' (the last position whatever the mask, SigLIP: texts padded to max length).
+    post_ln: BERT's layout: LayerNorm after the embeddings ('ln_embed'), post-LN blocks, no
+      final LayerNorm. False (CLIP, SigLIP): pre-LN blocks and a final LayerNorm.
+    type_vocab_size: > 0 adds BERT's token-type embedding ('type_embed') of type 0.
+    mask_pad: mask padding keys in attention; False attends to padding tokens like real
+      ones, as SigLIP was trained (its texts are padded to max length without a mask).
   """
   vocab_size: int
   max_len: int
@@ -40,6 +46,26 @@ class TextTransformer(nn.Module):
   scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  post_ln: bool = False
+  type_vocab_size: int = 0
+  mask_pad: bool = True
+
+  def _embed(self, text_ids: jax.Array) -> jax.Array:
+    """Token, position (and type-0) embeddings: [B, L] -> [B, L, D]."""
+    embed = lambda num, name: nn.Embed(
+        num, self.width, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                    ('vocab', 'embed')))
+    x = embed(self.vocab_size, 'token_embed')(text_ids)  # [B, L, D]
+    pos = self.param('pos_embed', nn.with_logical_partitioning(
+        nn.initializers.normal(0.01), (None, 'embed')), (self.max_len, self.width),
+                     self.param_dtype)
+    x = x + pos[None, :text_ids.shape[1]].astype(self.dtype)
+    if self.type_vocab_size:
+      x = x + embed(self.type_vocab_size, 'type_embed')(jnp.zeros_like(text_ids))
+    if self.post_ln:
+      x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_embed')(x)
+    return x
 
   @nn.compact
   def __call__(self, text_ids: jax.Array, text_mask: jax.Array, deterministic: bool = True
@@ -53,26 +79,22 @@ class TextTransformer(nn.Module):
     if length > self.max_len:
       raise ValueError(f'Text length {length} exceeds the {self.max_len} learned positions '
                        '(data.max_text_len).')
-    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-                 embedding_init=nn.with_logical_partitioning(
-                     nn.initializers.normal(0.02), ('vocab', 'embed')),
-                 name='token_embed')(text_ids)  # [B, L, D]
-    pos = self.param('pos_embed', nn.with_logical_partitioning(
-        nn.initializers.normal(0.01), (None, 'embed')), (self.max_len, self.width),
-                     self.param_dtype)
-    x = x + pos[None, :length].astype(self.dtype)
-    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    x = nn.with_logical_constraint(self._embed(text_ids), ACTIVATION_AXES)  # [B, L, D]
     x = nn.Dropout(self.dropout_rate)(x, deterministic)
     mask = combine_masks(causal_mask(length) if self.causal else None,
-                         padding_mask(text_mask))  # [B, 1, L, L] or [B, 1, 1, L]
+                         padding_mask(text_mask) if self.mask_pad else None)  # [B|1, 1, L|1, L]
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.dropout_rate,
                 self.layer_norm_eps, self.remat, self.scan_layers, self.dtype,
-                self.param_dtype, name='encoder')(x, mask, deterministic)  # [B, L, D]
-    x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_final')(x)
+                self.param_dtype, norm_first=not self.post_ln,
+                name='encoder')(x, mask, deterministic)  # [B, L, D]
+    if not self.post_ln:
+      x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_final')(x)
     if self.pool == 'eot':
       pooled = eot_pool(x, text_mask)
     elif self.pool == 'cls':
       pooled = cls_pool(x)
+    elif self.pool == 'last':
+      pooled = x[:, -1]
     else:
       pooled = mean_pool(x, text_mask)
     return pooled, x

@@ -38,6 +38,9 @@ class ViT(nn.Module):
     posemb: 'learn' (normal, std width^-0.5 as CLIP) or 'sincos2d' (fixed).
     ln_pre: LayerNorm before the blocks (CLIP).
     patch_bias: bias on the patch embedding (CLIP has none).
+    posemb_grid: side G of the learned position grid (posemb 'learn'); 0 = the grid of the
+      images at init. With G > 0 the positions of a G x G grid are stored and resized
+      (bicubic) to the grid of other image sizes, e.g. a 224 px checkpoint on 32 px images.
   """
   patch_size: int
   width: int
@@ -48,6 +51,7 @@ class ViT(nn.Module):
   posemb: str = 'learn'
   ln_pre: bool = False
   patch_bias: bool = True
+  posemb_grid: int = 0
   activation: str = 'gelu'
   dropout_rate: float = 0.0
   layer_norm_eps: float = 1e-5
@@ -74,6 +78,19 @@ class ViT(nn.Module):
     return self.param(name, nn.with_logical_partitioning(init, axes), shape,
                       self.param_dtype).astype(self.dtype)
 
+  def _learned_posemb(self, h: int, w: int, num_tokens: int) -> jax.Array:
+    """[N(+1), D] learned positions for an h x w grid (after the class token, if any)."""
+    if not self.posemb_grid:
+      return self._learned('pos_embed', (num_tokens, self.width))
+    g, extra = self.posemb_grid, num_tokens - h * w  # extra: 1 with the class token
+    pos = self._learned('pos_embed', (extra + g * g, self.width))
+    if (h, w) == (g, g):
+      return pos
+    grid = einops.rearrange(pos[extra:], '(h w) d -> h w d', h=g)
+    grid = jax.image.resize(grid.astype(jnp.float32), (h, w, self.width), 'cubic',
+                            antialias=False).astype(self.dtype)  # [h, w, D]
+    return jnp.concatenate([pos[:extra], einops.rearrange(grid, 'h w d -> (h w) d')])
+
   @nn.compact
   def __call__(self, images: jax.Array, deterministic: bool = True
                ) -> tuple[jax.Array, jax.Array]:
@@ -88,7 +105,7 @@ class ViT(nn.Module):
       cls = self._learned('cls_token', (self.width,))
       x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)), x], axis=1)
     if self.posemb == 'learn':
-      x = x + self._learned('pos_embed', (x.shape[1], self.width))[None]  # [B, N(+1), D]
+      x = x + self._learned_posemb(h, w, x.shape[1])[None]  # [B, N(+1), D]
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     if self.ln_pre:
       x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_pre')(x)

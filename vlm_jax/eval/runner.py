@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax.data import datasets
 from vlm_jax.data import pipeline
+from vlm_jax.eval import matching
 from vlm_jax.eval import retrieval
 from vlm_jax.eval import zeroshot
 from vlm_jax.training import partitioning
@@ -78,18 +79,22 @@ class Embedder:
                parallel_cfg: ml_collections.ConfigDict | None = None):
     self.tokenizer, self.max_len = tokenizer, max_len
     self._params = params
-    image_fn = lambda p, x: model.apply({'params': p}, x, method=model.encode_image)
-    text_fn = lambda p, i, m: model.apply({'params': p}, i, m, method=model.encode_text)
+    apply = lambda method: lambda p, *xs: model.apply({'params': p}, *xs, method=method)
     mesh = params_mesh(params) if parallel_cfg is not None else None
     if mesh is None:
-      self._put = lambda x: x
-      self._image, self._text = jax.jit(image_fn), jax.jit(text_fn)
+      self._put, jit = (lambda x: x), jax.jit
     else:
       placement = _Placement(mesh, parallel_cfg)
       batch_size = _round_up(batch_size, placement.num_shards)
       self._put = placement.put
-      self._image = jax.jit(image_fn, out_shardings=placement.replicated)
-      self._text = jax.jit(text_fn, out_shardings=placement.replicated)
+      jit = lambda fn: jax.jit(fn, out_shardings=placement.replicated)
+    self._image, self._text = jit(apply(model.encode_image)), jit(apply(model.encode_text))
+    # A fusion model's tower tokens and ITM match scores (see FusionEncoder).
+    self.can_match = hasattr(model, 'match_score')
+    if self.can_match:
+      self._image_tokens = jit(apply(lambda m, x: m.image_features(x)[1]))
+      self._text_tokens = jit(apply(lambda m, i, k: m.text_features(i, k)[1]))
+      self._match = jit(apply(model.match_score))
     self.batch_size = batch_size
 
   def _image_batch(self, images: np.ndarray) -> jax.Array:
@@ -112,6 +117,22 @@ class Embedder:
     """list of N strings -> [N, E]."""
     return self.token_ids(*self.tokenize(texts))
 
+  def image_tokens(self, images: np.ndarray) -> np.ndarray:
+    """Fusion models: [N, H, W, 3] -> the image tower's tokens [N, T, Di]."""
+    fn = lambda x: self._image_tokens(self._params, self._put(x))
+    return batched(fn, self.batch_size, images)
+
+  def text_tokens(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Fusion models: ids, mask [N, L] -> the text tower's tokens [N, L, Dt]."""
+    fn = lambda i, m: self._text_tokens(self._params, self._put(i), self._put(m))
+    return batched(fn, self.batch_size, ids, mask)
+
+  def match(self, image_tokens: np.ndarray, text_tokens: np.ndarray,
+            text_mask: np.ndarray) -> np.ndarray:
+    """Fusion models: the ITM score of each pair of token rows, [N]."""
+    fn = lambda i, t, m: self._match(self._params, self._put(i), self._put(t), self._put(m))
+    return batched(fn, self.batch_size, image_tokens, text_tokens, text_mask)
+
 
 def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder, split: str,
                    class_names: list[str]) -> dict[str, float]:
@@ -129,8 +150,63 @@ def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder, split:
   if config.eval.retrieval:
     captions = [c for caps in examples['captions'] for c in caps]
     text_to_image = np.asarray([i for i, caps in enumerate(examples['captions']) for _ in caps])
-    metrics.update(retrieval.retrieval_metrics(image_emb, embedder.texts(captions), text_to_image))
+    text_emb = embedder.texts(captions)
+    metrics.update(retrieval.retrieval_metrics(image_emb, text_emb, text_to_image))
+  if config.eval.matching:
+    metrics.update(_matching_metrics(config, embedder, examples, image_emb))
   return {f'eval/{split}/{k}': float(v) for k, v in metrics.items()}
+
+
+def _matching_metrics(config: ml_collections.ConfigDict, embedder: Embedder, examples: dict,
+                      image_emb: np.ndarray) -> dict[str, float]:
+  """Relation and attribute swap accuracy (by cosine, and by ITM for fusion models); for
+  fusion models also ITM accuracy and retrieval re-ranked by ITM."""
+  metrics = {}
+  fusion = embedder.can_match
+  if fusion:
+    image_tokens = embedder.image_tokens(examples['image'])
+
+    def itm(rows, texts):
+      ids, mask = embedder.tokenize(texts)
+      return embedder.match(image_tokens[rows], embedder.text_tokens(ids, mask), mask)
+
+  for kind, (rows, trues, falses) in matching.swap_negatives(examples).items():
+    if not len(rows):
+      continue
+    cosine = lambda texts: np.sum(image_emb[rows] * embedder.texts(texts), axis=-1)
+    prefix = 'itc_' if fusion else ''
+    metrics[f'{prefix}{kind}_accuracy'] = matching.pair_accuracy(cosine(trues), cosine(falses))
+    if fusion:
+      metrics[f'{kind}_accuracy'] = matching.pair_accuracy(itm(rows, trues), itm(rows, falses))
+  if not fusion:
+    return metrics
+  n = len(examples['image'])
+  rows = np.arange(n)
+  trues = [caps[0] for caps in examples['captions']]
+  # Negatives: the canonical caption of the next image with a different one.
+  others = [next((trues[(i + s) % n] for s in range(1, n) if trues[(i + s) % n] != trues[i]),
+                 trues[i]) for i in range(n)]
+  metrics['itm_accuracy'] = matching.itm_accuracy(itm(rows, trues), itm(rows, others))
+  k = config.eval.rerank_k
+  if k > 0:
+    captions = [c for caps in examples['captions'] for c in caps]
+    text_to_image = np.asarray([i for i, caps in enumerate(examples['captions']) for _ in caps])
+    ids, mask = embedder.tokenize(captions)
+    text_tokens = embedder.text_tokens(ids, mask)
+    text_emb = embedder.token_ids(ids, mask)
+    sims = image_emb @ text_emb.T  # [N, M]
+    captions_of = [np.flatnonzero(text_to_image == i) for i in range(n)]
+    i2t = matching.rerank_ranks(
+        sims, lambda q: captions_of[q], k,
+        lambda q, c: embedder.match(image_tokens[q], text_tokens[c], mask[c]))
+    t2i = matching.rerank_ranks(
+        sims.T, lambda q: [text_to_image[q]], k,
+        lambda q, c: embedder.match(image_tokens[c], text_tokens[q], mask[q]))
+    for cut, value in matching.recall_at(i2t, (1, 5, 10)).items():
+      metrics[f'i2t_rerank_recall@{cut}'] = value
+    for cut, value in matching.recall_at(t2i, (1, 5, 10)).items():
+      metrics[f't2i_rerank_recall@{cut}'] = value
+  return metrics
 
 
 def evaluate(config: ml_collections.ConfigDict, model: nn.Module, params: Any,

@@ -8,7 +8,11 @@ import ml_collections
 from vlm_jax.encoders import text as text_lib
 from vlm_jax.encoders import vit as vit_lib
 from vlm_jax.encoders.common import check_choice
+from vlm_jax.models import fusion_encoder as fusion_encoder_lib
 from vlm_jax.models.dual_encoder import DualEncoder
+from vlm_jax.models.fusion_encoder import FusionEncoder
+from vlm_jax.models.qformer_model import QFormerModel
+from vlm_jax.models.single_tower import ImageEncoder, MaskedLM
 from vlm_jax.nn.transformer import REMAT_CHOICES
 
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -28,6 +32,10 @@ def _common(model_cfg: ml_collections.ConfigDict) -> dict:
 
 
 def _activation(tower_cfg: ml_collections.ConfigDict) -> str:
+  if tower_cfg.quick_gelu and tower_cfg.gelu_tanh:
+    raise ValueError('quick_gelu and gelu_tanh are both set in a tower config; choose one.')
+  if tower_cfg.gelu_tanh:
+    return 'gelu_tanh'
   return 'quick_gelu' if tower_cfg.quick_gelu else 'gelu'
 
 
@@ -39,8 +47,8 @@ def build_vit(model_cfg: ml_collections.ConfigDict) -> nn.Module:
   return vit_lib.ViT(
       patch_size=c.patch_size, width=c.width, depth=c.depth, num_heads=c.num_heads,
       mlp_dim=c.mlp_dim, pool=c.pool, posemb=c.posemb, ln_pre=c.ln_pre,
-      patch_bias=c.patch_bias, activation=_activation(c), dropout_rate=c.dropout,
-      layer_norm_eps=c.ln_eps, **_common(model_cfg))
+      patch_bias=c.patch_bias, posemb_grid=c.posemb_grid, activation=_activation(c),
+      dropout_rate=c.dropout, layer_norm_eps=c.ln_eps, **_common(model_cfg))
 
 
 def build_text_transformer(model_cfg: ml_collections.ConfigDict, text_max_len: int
@@ -52,9 +60,10 @@ def build_text_transformer(model_cfg: ml_collections.ConfigDict, text_max_len: i
     raise ValueError('model.text.vocab_size is 0: set it, or let the trainer fill it from the '
                      'tokenizer before building the model.')
   return text_lib.TextTransformer(
-      vocab_size=c.vocab_size, max_len=text_max_len, width=c.width, depth=c.depth,
-      num_heads=c.num_heads, mlp_dim=c.mlp_dim, causal=c.causal, pool=c.pool,
+      vocab_size=c.vocab_size, max_len=c.max_len or text_max_len, width=c.width,
+      depth=c.depth, num_heads=c.num_heads, mlp_dim=c.mlp_dim, causal=c.causal, pool=c.pool,
       activation=_activation(c), dropout_rate=c.dropout, layer_norm_eps=c.ln_eps,
+      post_ln=c.post_ln, type_vocab_size=c.type_vocab_size, mask_pad=c.mask_pad,
       **_common(model_cfg))
 
 
@@ -83,14 +92,63 @@ def build_dual_encoder(model_cfg: ml_collections.ConfigDict, *, text_max_len: in
       image_encoder=build_image_tower(model_cfg),
       text_encoder=build_text_tower(model_cfg, text_max_len),
       embed_dim=model_cfg.embed_dim, image_proj_bias=model_cfg.image.proj_bias,
-      text_proj_bias=model_cfg.text.proj_bias, temperature_init=temp.init,
+      text_proj_bias=model_cfg.text.proj_bias, image_projection=model_cfg.image.proj,
+      text_projection=model_cfg.text.proj, temperature_init=temp.init,
       temperature_min=temp.min, temperature_max=temp.max, bias_init=temp.bias_init,
       learn_bias=temp.learn_bias, param_dtype=_dtype(model_cfg.param_dtype,
                                                      'model.param_dtype'))
 
 
+def build_fusion_encoder(model_cfg: ml_collections.ConfigDict, *, text_max_len: int
+                         ) -> FusionEncoder:
+  """The dual encoder of `model_cfg` joined by the fusion layer `model_cfg.fusion.name`."""
+  from vlm_jax import fusion  # pylint: disable=g-import-not-at-top (fusion imports models)
+  if not model_cfg.fusion.name:
+    raise ValueError("model.name='fusion_encoder' needs model.fusion.name; accepted: "
+                     f'{", ".join(fusion.FUSION_LAYERS)}.')
+  check_choice('model.fusion.pool', model_cfg.fusion.pool, fusion_encoder_lib.POOLS)
+  return FusionEncoder(
+      dual=build_dual_encoder(model_cfg, text_max_len=text_max_len),
+      fusion=fusion.build_fusion(model_cfg), vocab_size=model_cfg.text.vocab_size,
+      width=model_cfg.fusion.width or model_cfg.text.width, pool=model_cfg.fusion.pool,
+      itm=model_cfg.heads.itm, mlm=model_cfg.heads.mlm, layer_norm_eps=model_cfg.fusion.ln_eps,
+      dtype=_dtype(model_cfg.dtype, 'model.dtype'),
+      param_dtype=_dtype(model_cfg.param_dtype, 'model.param_dtype'))
+
+
+def build_image_encoder(model_cfg: ml_collections.ConfigDict, *, text_max_len: int
+                        ) -> ImageEncoder:
+  """The image tower of `model_cfg.image` alone (with HF ViT's pooler if `image.pooler`)."""
+  del text_max_len
+  return ImageEncoder(build_image_tower(model_cfg), pooler=model_cfg.image.pooler,
+                      dtype=_dtype(model_cfg.dtype, 'model.dtype'),
+                      param_dtype=_dtype(model_cfg.param_dtype, 'model.param_dtype'))
+
+
+def build_masked_lm(model_cfg: ml_collections.ConfigDict, *, text_max_len: int) -> MaskedLM:
+  """The text tower of `model_cfg.text` with a BERT MLM head tied to its token embedding."""
+  c = model_cfg.text
+  return MaskedLM(build_text_tower(model_cfg, text_max_len), activation=_activation(c),
+                  layer_norm_eps=c.ln_eps, dtype=_dtype(model_cfg.dtype, 'model.dtype'),
+                  param_dtype=_dtype(model_cfg.param_dtype, 'model.param_dtype'))
+
+
+def build_qformer(model_cfg: ml_collections.ConfigDict, *, text_max_len: int
+                  ) -> QFormerModel:
+  """BLIP-2's Q-Former alone, from `model_cfg.fusion` (name 'qformer'): image tokens
+  [B, N, model.image.width] -> query outputs [B, Q, D]."""
+  del text_max_len
+  from vlm_jax import fusion  # pylint: disable=g-import-not-at-top (fusion imports models)
+  check_choice('model.fusion.name', model_cfg.fusion.name, ('qformer',))
+  return QFormerModel(fusion.build_fusion(model_cfg))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'dual_encoder': build_dual_encoder,
+    'fusion_encoder': build_fusion_encoder,
+    'image_encoder': build_image_encoder,
+    'masked_lm': build_masked_lm,
+    'qformer': build_qformer,
 }
 
 

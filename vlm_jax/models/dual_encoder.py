@@ -29,6 +29,8 @@ class DualEncoder(nn.Module):
       logit_scale = exp(clip(t, min, max)).
     bias_init, learn_bias: the logit bias (SigLIP learns it; otherwise a constant).
     param_dtype: dtype of the projection, temperature and bias parameters.
+    image_projection, text_projection: False leaves out that projection: the tower's pooled
+      output (of width E) is the embedding (SigLIP's image tower ends in its MAP head).
   """
   image_encoder: nn.Module
   text_encoder: nn.Module
@@ -41,6 +43,8 @@ class DualEncoder(nn.Module):
   bias_init: float = 0.0
   learn_bias: bool = False
   param_dtype: Dtype = jnp.float32
+  image_projection: bool = True
+  text_projection: bool = True
 
   def _proj(self, use_bias: bool, name: str) -> nn.Dense:
     return nn.Dense(
@@ -49,24 +53,37 @@ class DualEncoder(nn.Module):
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('joint',)), name=name)
 
   def setup(self):
-    self.image_proj = self._proj(self.image_proj_bias, 'image_proj')
-    self.text_proj = self._proj(self.text_proj_bias, 'text_proj')
+    identity = lambda x: x
+    self.image_proj = (self._proj(self.image_proj_bias, 'image_proj')
+                       if self.image_projection else identity)
+    self.text_proj = (self._proj(self.text_proj_bias, 'text_proj')
+                      if self.text_projection else identity)
     scalar = lambda value: nn.with_logical_partitioning(
         nn.initializers.constant(value), ())
     self.t = self.param('t', scalar(self.temperature_init), (), self.param_dtype)
     if self.learn_bias:
       self.b = self.param('b', scalar(self.bias_init), (), self.param_dtype)
 
+  def encode_image_tokens(self, images: jax.Array, deterministic: bool = True
+                          ) -> tuple[jax.Array, jax.Array]:
+    """[B, H, W, 3] -> (embedding [B, E] float32 unit norm, tower tokens [B, N, Di])."""
+    pooled, tokens = self.image_encoder(images, deterministic=deterministic)  # [B, Di]
+    return l2_normalize(self.image_proj(pooled.astype(jnp.float32))), tokens
+
+  def encode_text_tokens(self, text_ids: jax.Array, text_mask: jax.Array,
+                         deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+    """ids [B, L], mask [B, L] -> (embedding [B, E] float32 unit norm, tokens [B, L, Dt])."""
+    pooled, tokens = self.text_encoder(text_ids, text_mask, deterministic=deterministic)
+    return l2_normalize(self.text_proj(pooled.astype(jnp.float32))), tokens
+
   def encode_image(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
     """[B, H, W, 3] float -> [B, E] float32, unit L2 norm."""
-    pooled, _ = self.image_encoder(images, deterministic=deterministic)  # [B, Di]
-    return l2_normalize(self.image_proj(pooled.astype(jnp.float32)))
+    return self.encode_image_tokens(images, deterministic)[0]
 
   def encode_text(self, text_ids: jax.Array, text_mask: jax.Array,
                   deterministic: bool = True) -> jax.Array:
     """ids [B, L] int32, mask [B, L] bool -> [B, E] float32, unit L2 norm."""
-    pooled, _ = self.text_encoder(text_ids, text_mask, deterministic=deterministic)  # [B, Dt]
-    return l2_normalize(self.text_proj(pooled.astype(jnp.float32)))
+    return self.encode_text_tokens(text_ids, text_mask, deterministic)[0]
 
   def logit_scale(self) -> jax.Array:
     """exp(clip(t, min, max)), a float32 scalar."""

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from vlm_jax.nn.attention import MultiHeadAttention
 
 Dtype = Any
-ACTIVATIONS = ('gelu', 'quick_gelu')
+ACTIVATIONS = ('gelu', 'quick_gelu', 'gelu_tanh')
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
@@ -23,9 +23,11 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
-  """'gelu' (exact, erf) or 'quick_gelu'."""
+  """'gelu' (exact, erf), 'quick_gelu' or 'gelu_tanh' (tanh approximation, SigLIP)."""
   if name == 'gelu':
     return lambda x: jax.nn.gelu(x, approximate=False)
+  if name == 'gelu_tanh':
+    return lambda x: jax.nn.gelu(x, approximate=True)
   if name == 'quick_gelu':
     return quick_gelu
   raise ValueError(f'Unknown activation {name!r}; accepted: {", ".join(ACTIVATIONS)}.')
@@ -70,6 +72,9 @@ class Mlp(nn.Module):
 class EncoderBlock(nn.Module):
   """Pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x)). [B, L, D] -> [B, L, D].
 
+  With `norm_first=False` it is BERT's post-LN block: LN(x + Attn(x)), then LN(x + MLP(x)),
+  with the same parameters ('ln1' after attention, 'ln2' after the MLP).
+
   Dropout (rate `dropout_rate`) is applied to both residual branches and after the MLP
   activation; attention probabilities are not dropped (dot_product_attention has no dropout).
   """
@@ -80,6 +85,7 @@ class EncoderBlock(nn.Module):
   layer_norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_first: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
@@ -87,12 +93,14 @@ class EncoderBlock(nn.Module):
     """x: [B, L, D]; mask: bool broadcastable to [B, H, L, L]."""
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     ln = lambda name: layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name)
+    pre = (lambda name, h: ln(name)(h)) if self.norm_first else (lambda _, h: h)
+    post = (lambda _, h: h) if self.norm_first else (lambda name, h: ln(name)(h))
     y = MultiHeadAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                           name='attn')(ln('ln1')(x), mask=mask)
-    x = x + nn.Dropout(self.dropout_rate)(y, deterministic)  # [B, L, D]
+                           name='attn')(pre('ln1', x), mask=mask)
+    x = post('ln1', x + nn.Dropout(self.dropout_rate)(y, deterministic))  # [B, L, D]
     y = Mlp(self.mlp_dim, self.activation, self.dropout_rate, self.dtype, self.param_dtype,
-            name='mlp')(ln('ln2')(x), deterministic)
-    x = x + nn.Dropout(self.dropout_rate)(y, deterministic)  # [B, L, D]
+            name='mlp')(pre('ln2', x), deterministic)
+    x = post('ln2', x + nn.Dropout(self.dropout_rate)(y, deterministic))  # [B, L, D]
     return nn.with_logical_constraint(x, ACTIVATION_AXES)
 
 
@@ -114,6 +122,7 @@ class Encoder(nn.Module):
     remat: 'none', 'full' (recompute the block in the backward pass) or 'dots_saveable'
       (keep matmul outputs, recompute the rest).
     scan_layers: run the blocks with nn.scan (one compiled block, faster compilation).
+    norm_first: pre-LN blocks (True) or BERT's post-LN blocks (False).
   """
   depth: int
   num_heads: int
@@ -125,6 +134,7 @@ class Encoder(nn.Module):
   scan_layers: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  norm_first: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
@@ -138,7 +148,7 @@ class Encoder(nn.Module):
                            prevent_cse=not self.scan_layers, static_argnums=(3,))
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
                   dropout_rate=self.dropout_rate, layer_norm_eps=self.layer_norm_eps,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+                  dtype=self.dtype, param_dtype=self.param_dtype, norm_first=self.norm_first)
     if self.scan_layers:
       blocks = nn.scan(block_cls, variable_axes={'params': 0},
                        split_rngs={'params': True, 'dropout': True},

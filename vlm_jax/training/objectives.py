@@ -14,11 +14,15 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
 
 from vlm_jax import losses
+from vlm_jax.losses import matching
+from vlm_jax.losses import mlm
 from vlm_jax.losses.sharded import AxisName
+from vlm_jax.models.fusion_encoder import FusionEncoder
 from vlm_jax.training import partitioning
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -98,10 +102,10 @@ def _contrastive_fn(config: ml_collections.ConfigDict, mesh: Mesh | None,
 
 def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
                  mesh: Mesh | None = None, axis_name: AxisName | None = None) -> LossFn:
-  """The training objective of `config.loss` for `model` (a dual encoder for now).
+  """The training objective of `config.loss` for `model`.
 
   Args:
-    model: the dual encoder.
+    model: a dual encoder, or a fusion encoder (then see `make_fusion_loss_fn`).
     config: the full config (reads `loss` and, for the sharded loss, `parallel.rules`).
     mesh: the jit path's mesh; used only when `loss.sharded` is true.
     axis_name: the pmap axis name; the batch passed to `loss_fn` is then the local shard.
@@ -109,6 +113,8 @@ def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
   Returns:
     `loss_fn(params, batch, rng) -> (loss [], aux)`; the loss is the global-batch loss.
   """
+  if isinstance(model, FusionEncoder):
+    return make_fusion_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
   name = config.loss.name
   contrastive = _contrastive_fn(config, mesh, axis_name)
 
@@ -158,3 +164,120 @@ def make_outputs_loss_fn(config: ml_collections.ConfigDict, *, mesh: Mesh | None
     return loss, aux
 
   return outputs_loss_fn
+
+
+# Fusion models: contrastive + image-text matching + masked language modelling.
+
+FUSION_OBJECTIVES = ('itc', 'itm', 'mlm')
+
+
+def _check_fusion_config(model: nn.Module, config: ml_collections.ConfigDict,
+                         axis_name: AxisName | None) -> dict[str, float]:
+  """The objectives' weights; raises for options the fusion objective does not support."""
+  weights = {k: float(config.loss.weights.get(k, 0.0)) for k in FUSION_OBJECTIVES}
+  unknown = set(config.loss.weights) - set(FUSION_OBJECTIVES)
+  if unknown:
+    raise ValueError(f'Unknown loss.weights keys {sorted(unknown)}; accepted: '
+                     f'{", ".join(FUSION_OBJECTIVES)}.')
+  if axis_name is not None or config.loss.sharded or config.train.microbatches > 1:
+    raise ValueError('Fusion models train with parallel.mode=jit, loss.sharded=False and '
+                     'train.microbatches=1 (the ITM negatives need the whole batch).')
+  if weights['itm'] and not model.itm:
+    raise ValueError('loss.weights.itm > 0 needs model.heads.itm=True.')
+  if weights['mlm'] and not model.mlm:
+    raise ValueError('loss.weights.mlm > 0 needs model.heads.mlm=True.')
+  if weights['mlm'] and config.loss.mlm_mask_id < 0:
+    raise ValueError('loss.mlm_mask_id is unset: the trainer fills it from the tokenizer.')
+  return weights
+
+
+def _itm_terms(model: nn.Module, params, outputs: dict, batch: dict, rng: jax.Array,
+               dropout_rng: jax.Array, negative_scale: float) -> tuple[jax.Array, dict]:
+  """ITM on the B positives, B sampled hard-negative texts, B hard-negative images and,
+  when the batch has them, the dataset's own false captions (`neg_text_ids`)."""
+  ids, mask = batch['text_ids'], batch['text_mask']
+  forbidden = matching.identical_rows(ids, mask)
+  scale = outputs['logit_scale'] if negative_scale < 0 else negative_scale
+  neg_text, text_ok, neg_image, image_ok = matching.sample_hard_negatives(
+      rng, outputs['image_emb'], outputs['text_emb'], scale, forbidden)
+  image_tokens, text_tokens = outputs['image_tokens'], outputs['text_tokens']
+  pair_images = [image_tokens, image_tokens, image_tokens[neg_image]]
+  pair_texts = [text_tokens, text_tokens[neg_text], text_tokens]
+  pair_masks = [mask, mask[neg_text], mask]
+  labels = [jnp.ones_like(text_ok, jnp.int32)] + [jnp.zeros_like(text_ok, jnp.int32)] * 2
+  valid = [jnp.ones_like(text_ok), text_ok, image_ok]
+  if 'neg_text_ids' in batch:
+    neg_tokens = model.apply({'params': params}, batch['neg_text_ids'], batch['neg_text_mask'],
+                             deterministic=False, rngs={'dropout': dropout_rng},
+                             method=model.text_tokens)
+    pair_images.append(image_tokens)
+    pair_texts.append(neg_tokens)
+    pair_masks.append(batch['neg_text_mask'])
+    labels.append(jnp.zeros_like(text_ok, jnp.int32))
+    valid.append(batch['neg_valid'])
+  cat = lambda xs: jnp.concatenate(xs, axis=0)
+  pair_mask = cat(pair_masks)
+  logits = model.apply(
+      {'params': params}, cat(pair_images), cat(pair_texts), pair_mask, deterministic=False,
+      rngs={'dropout': jax.random.fold_in(dropout_rng, 1)},
+      method=lambda m, i, t, k, deterministic: m.itm_logits(m.fuse(i, t, k, deterministic), k))
+  loss, metrics = matching.itm_loss(logits, cat(labels), cat(valid).astype(jnp.float32))
+  if 'neg_text_ids' in batch:  # how often the dataset's false captions are rejected
+    batch_size = ids.shape[0]
+    _, hard = matching.itm_loss(logits[-batch_size:], labels[-1], valid[-1])
+    metrics['itm_hard_negative_accuracy'] = hard['itm_accuracy']
+  return loss, metrics
+
+
+def _mlm_terms(model: nn.Module, params, outputs: dict, batch: dict, rng: jax.Array,
+               dropout_rng: jax.Array, config: ml_collections.ConfigDict
+               ) -> tuple[jax.Array, dict]:
+  """MLM of the masked captions, fused with their own images."""
+  ids, mask = batch['text_ids'], batch['text_mask']
+  masked_ids, targets = mlm.mask_tokens(
+      rng, ids, mask, mask_id=config.loss.mlm_mask_id,
+      vocab_size=config.model.text.vocab_size, probability=config.loss.mlm_probability)
+
+  def forward(m, image_tokens, masked_ids, mask, deterministic):
+    tokens = m.text_tokens(masked_ids, mask, deterministic)
+    return m.mlm_logits(m.fuse(image_tokens, tokens, mask, deterministic))
+
+  logits = model.apply({'params': params}, outputs['image_tokens'], masked_ids, mask,
+                       deterministic=False, rngs={'dropout': dropout_rng}, method=forward)
+  return mlm.mlm_loss(logits, ids, targets)
+
+
+def make_fusion_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
+                        mesh: Mesh | None = None, axis_name: AxisName | None = None
+                        ) -> LossFn:
+  """`loss_fn(params, batch, rng)` of a fusion model: the weighted sum of the contrastive
+  loss ('itc', `loss.name`), image-text matching with hard negatives ('itm') and masked
+  language modelling with visual context ('mlm'), weights from `loss.weights`.
+
+  The aux dict holds each weighted term's unweighted value (`itc`, `itm`, `mlm`) and the
+  accuracies `itm_accuracy`, `mlm_accuracy`.
+  """
+  del mesh  # the dense loss under jit: XLA partitions it over the batch axes
+  weights = _check_fusion_config(model, config, axis_name)
+  name = config.loss.name
+
+  def loss_fn(params, batch, rng):
+    embed_rng, itm_rng, itm_dropout, mlm_rng, mlm_dropout = jax.random.split(rng, 5)
+    outputs = model.apply({'params': params}, batch['image'], batch['text_ids'],
+                          batch['text_mask'], deterministic=False, rngs={'dropout': embed_rng},
+                          method=model.embed)
+    aux = {'logit_scale': outputs['logit_scale'], 'logit_bias': outputs['logit_bias']}
+    total = jnp.zeros((), jnp.float32)
+    if weights['itc']:
+      loss, metrics = contrastive_terms(name, outputs)
+      total, aux = total + weights['itc'] * loss, {**aux, 'itc': loss, **metrics}
+    if weights['itm']:
+      loss, metrics = _itm_terms(model, params, outputs, batch, itm_rng, itm_dropout,
+                                 config.loss.itm_negative_scale)
+      total, aux = total + weights['itm'] * loss, {**aux, 'itm': loss, **metrics}
+    if weights['mlm']:
+      loss, metrics = _mlm_terms(model, params, outputs, batch, mlm_rng, mlm_dropout, config)
+      total, aux = total + weights['mlm'] * loss, {**aux, 'mlm': loss, **metrics}
+    return total, aux
+
+  return loss_fn

@@ -1,4 +1,14 @@
-"""The optax optimizer and learning-rate schedule described by `config.optim`."""
+"""The optax optimizer and learning-rate schedule described by `config.optim`.
+
+Parameter groups are named by regexes matched (`re.match`, so from the start) against
+'/'-joined parameter paths such as 'image_encoder/encoder/block_0/attn/qkv_kernel':
+`optim.frozen` parameters get no update and no optimizer state (LiT: `('image',)` locks
+image_encoder and image_proj), and `optim.lr_multipliers` scale the updates (learning rate and
+weight decay alike) of the first group a parameter matches. Frozen gradients are zeroed
+before clipping, so they do not count towards the clipped norm.
+"""
+import re
+
 import jax
 import ml_collections
 import optax
@@ -35,9 +45,52 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def path_name(path) -> str:
+  """A tree path as 'a/b/c'."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
+def _groups(optim: ml_collections.ConfigDict
+            ) -> tuple[tuple[str, ...], tuple[tuple[str, float], ...]]:
+  frozen = tuple(optim.frozen)
+  multipliers = tuple(tuple(m) for m in optim.lr_multipliers)
+  for pattern in frozen:
+    if not isinstance(pattern, str):
+      raise ValueError(f'optim.frozen takes regexes of parameter paths, got {pattern!r}.')
+  for m in multipliers:
+    if len(m) != 2 or not isinstance(m[0], str) or not isinstance(m[1], (int, float)):
+      raise ValueError(f'optim.lr_multipliers takes (regex, factor) pairs, got {m!r}.')
+  return frozen, multipliers
+
+
+def param_labels(params, frozen: tuple[str, ...],
+                 multipliers: tuple[tuple[str, float], ...]):
+  """'frozen', 'lr_{i}' (the first multiplier whose regex matches) or 'default' per leaf.
+
+  Raises ValueError for a regex that matches no parameter, naming the top-level groups.
+  """
+  paths = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  named = [('optim.frozen', p) for p in frozen]
+  named += [('optim.lr_multipliers', p) for p, _ in multipliers]
+  for what, pattern in named if any(paths) else []:  # [''] for a non-tree placeholder
+    if not any(re.match(pattern, path) for path in paths):
+      groups = sorted({path.split('/')[0] for path in paths})
+      raise ValueError(f'{what} pattern {pattern!r} matches no parameter; parameter paths '
+                       f'start with: {", ".join(groups)}.')
+
+  def label(path, _):
+    name = path_name(path)
+    if any(re.match(p, name) for p in frozen):
+      return 'frozen'
+    return next((f'lr_{i}' for i, (p, _) in enumerate(multipliers) if re.match(p, name)),
+                'default')
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Gradient clipping, then AdamW (decoupled, masked weight decay) or SGD with momentum."""
+  """Gradient clipping, then AdamW (decoupled, masked weight decay) or SGD with momentum;
+  with `optim.frozen` / `optim.lr_multipliers`, per parameter group (see the module doc)."""
   schedule = make_schedule(optim, num_steps)
   if optim.name == 'adamw':
     opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
@@ -47,6 +100,18 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int
                       optax.sgd(schedule, momentum=optim.b1))
   else:
     raise ValueError(f'Unknown optim.name {optim.name!r}; accepted: {OPTIMIZERS}.')
-  if optim.grad_clip_norm and optim.grad_clip_norm > 0:
-    opt = optax.chain(optax.clip_by_global_norm(optim.grad_clip_norm), opt)
-  return opt, schedule
+  frozen, multipliers = _groups(optim)
+  clip = (optax.clip_by_global_norm(optim.grad_clip_norm)
+          if optim.grad_clip_norm and optim.grad_clip_norm > 0 else None)
+  if not frozen and not multipliers:
+    return (optax.chain(clip, opt) if clip else opt), schedule
+  labels = lambda params: param_labels(params, frozen, multipliers)
+  transforms = {'default': opt, 'frozen': optax.set_to_zero(),
+                **{f'lr_{i}': optax.chain(opt, optax.scale(m))
+                   for i, (_, m) in enumerate(multipliers)}}
+  grouped = optax.multi_transform(transforms, labels)
+  if frozen:
+    zero_frozen = optax.masked(optax.set_to_zero(),
+                               lambda p: jax.tree.map(lambda l: l == 'frozen', labels(p)))
+    clip = optax.chain(zero_frozen, clip) if clip else None
+  return (optax.chain(clip, grouped) if clip else grouped), schedule

@@ -84,10 +84,34 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state, pa
                         mesh: Mesh):
   """Optimizer-state leaves shaped like parameters share their sharding; others replicate."""
   replicated = NamedSharding(mesh, P())
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  if any(is_masked(x) for x in jax.tree.leaves(abstract_opt_state, is_leaf=is_masked)):
+    return _masked_opt_state_shardings(abstract_opt_state, params_sharding, replicated)
   return optax.tree_map_params(
       tx, lambda _, sharding: sharding, abstract_opt_state, params_sharding,
       transform_non_params=lambda _: replicated,
       is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def _masked_opt_state_shardings(abstract_opt_state, params_sharding, replicated):
+  """Shardings of an optimizer state whose structure depends on parameter labels
+  (`optax.multi_transform`, e.g. frozen parameters), where `tree_map_params` cannot trace
+  the state: a leaf whose trailing dict keys name a parameter of the same rank takes that
+  parameter's sharding; other leaves replicate."""
+  by_path = {tuple(k.key for k in path): s for path, s in jax.tree_util.tree_leaves_with_path(
+      params_sharding, is_leaf=lambda x: isinstance(x, NamedSharding))}
+
+  def sharding(path, leaf):
+    keys = []
+    for entry in reversed(path):
+      if not isinstance(entry, jax.tree_util.DictKey):
+        break
+      keys.insert(0, entry.key)
+    match = by_path.get(tuple(keys))
+    if match is not None and len(match.spec) <= len(getattr(leaf, 'shape', ())):
+      return match
+    return replicated
+  return jax.tree_util.tree_map_with_path(sharding, abstract_opt_state)
 
 
 def check_divisible(abstract_params, shardings, mesh: Mesh) -> None:

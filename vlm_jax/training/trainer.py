@@ -27,6 +27,7 @@ from vlm_jax.training import jit_driver
 from vlm_jax.training import optimizer as optimizer_lib
 from vlm_jax.training import partitioning
 from vlm_jax.training import pmap_driver
+from vlm_jax.training import pretrained
 from vlm_jax.training import writers
 from vlm_jax.training.state import TrainState
 
@@ -42,7 +43,9 @@ def check_workdir(workdir: str) -> None:
 
 
 def resolve_config(config: ml_collections.ConfigDict, tokenizer) -> None:
-  """Fills values that depend on the data (the vocabulary size)."""
+  """Fills values that depend on the data (the vocabulary size, the [MASK] id)."""
+  if config.loss.mlm_mask_id < 0:
+    config.loss.mlm_mask_id = tokenizer.mask_id
   if config.model.text.vocab_size == 0:
     config.model.text.vocab_size = tokenizer.vocab_size
   elif config.model.text.vocab_size < tokenizer.vocab_size:
@@ -156,6 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   final state and evaluation metrics (as in `results.json`; empty if the run stopped early)."""
   primary = jax.process_index() == 0
   check_workdir(workdir)
+  pretrained.apply_config(config)  # init.pretrained: the config of what it loads
   info = distributed.primary_first(lambda: datasets.ensure_built(config.data), 'build_data')
   tokenizer = datasets.load_tokenizer(config.data)
   resolve_config(config, tokenizer)
@@ -180,6 +184,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     logging.info('Resuming from checkpoint at step %d in %s', latest, checkpointer.directory)
   else:
     state = setup.init_state(init_rng)
+    if config.init.pretrained:
+      state = pretrained.load_into_state(config, state)
+      logging.info('Starting from the parameters of %s', config.init.pretrained)
   start_step = int(jax.device_get(state.step))
   _log_setup(config, setup, start_step)
   logging.info('Data %s/%s: %s', config.data.name, config.data.builder_config,

@@ -1,0 +1,18 @@
+"""BLIP-2's Q-Former on `shapes` (Li et al., 2023): learned queries that cross-attend to the
+image tokens every other layer and share self-attention with the text; itc + itm (hard
+negatives) + mlm.
+
+  python -m vlm_jax.train --config=configs/qformer_shapes.py --workdir=runs/qformer_shapes
+
+Variants: '' (16 queries) and 'tiny'.
+"""
+from vlm_jax.config_utils import sibling_config
+
+
+def get_config(arg: str | None = None):
+  c = sibling_config(__file__, 'fusion_shapes', arg)
+  c.model.fusion.name = 'qformer'
+  c.model.fusion.every = 2
+  if arg != 'tiny':
+    c.model.fusion.num_queries = 16
+  return c

@@ -1,0 +1,15 @@
+"""ViLT-style single-stream fusion on `shapes` (Kim et al., 2021): image and text tokens,
+with modality embeddings, in one transformer; itc + itm (hard negatives) + mlm.
+
+  python -m vlm_jax.train --config=configs/vilt_shapes.py --workdir=runs/vilt_shapes
+
+Variants: '' and 'tiny'. Unlike ViLT, the tokens come from the (shallow) towers of the dual
+encoder, whose contrastive similarities also pick the ITM hard negatives.
+"""
+from vlm_jax.config_utils import sibling_config
+
+
+def get_config(arg: str | None = None):
+  c = sibling_config(__file__, 'fusion_shapes', arg)
+  c.model.fusion.name = 'merged'
+  return c
