@@ -19,7 +19,7 @@ def get_config(arg: str | None = None):
     f.depth, f.num_heads, f.mlp_dim, f.num_queries = 1, 2, 64, 4
   else:
     f.depth, f.num_heads, f.mlp_dim = 2, 4, 512
-    c.train.num_steps = 2000
+    c.train.num_steps = 1500
     c.checkpoint.every_steps = 500
   c.model.heads.itm = c.model.heads.mlm = True
   c.data.hard_negatives = True
