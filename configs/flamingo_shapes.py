@@ -5,7 +5,7 @@ pooled at the EOT token. No MLM: a causal model sees no right context.
 
   python -m vlm_jax.train --config=configs/flamingo_shapes.py --workdir=runs/flamingo_shapes
 
-Variants: '' and 'tiny'.
+Variants: '' (1500 steps, about ALBEF's step time) and 'tiny'.
 """
 from vlm_jax.config_utils import sibling_config
 

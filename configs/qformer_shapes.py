@@ -4,7 +4,7 @@ negatives) + mlm.
 
   python -m vlm_jax.train --config=configs/qformer_shapes.py --workdir=runs/qformer_shapes
 
-Variants: '' (16 queries) and 'tiny'.
+Variants: '' (16 queries, 1000 steps) and 'tiny'.
 """
 from vlm_jax.config_utils import sibling_config
 
@@ -15,4 +15,6 @@ def get_config(arg: str | None = None):
   c.model.fusion.every = 2
   if arg != 'tiny':
     c.model.fusion.num_queries = 16
+    # ~0.33 s per step at batch 64 on 2 CPU cores (1.4x ALBEF): 1000 steps fit 15 minutes.
+    c.train.num_steps = 1000
   return c
