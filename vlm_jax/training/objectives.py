@@ -187,7 +187,8 @@ def _check_fusion_config(model: nn.Module, config: ml_collections.ConfigDict,
   if weights['mlm'] and not model.mlm:
     raise ValueError('loss.weights.mlm > 0 needs model.heads.mlm=True.')
   if weights['mlm'] and config.loss.mlm_mask_id < 0:
-    raise ValueError('loss.mlm_mask_id is unset: the trainer fills it from the tokenizer.')
+    raise ValueError('loss.mlm_mask_id is unset and the tokenizer has no [MASK] token: set '
+                     'loss.mlm_mask_id to a token id, or loss.weights.mlm=0.')
   return weights
 
 

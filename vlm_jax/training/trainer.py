@@ -44,7 +44,7 @@ def check_workdir(workdir: str) -> None:
 
 def resolve_config(config: ml_collections.ConfigDict, tokenizer) -> None:
   """Fills values that depend on the data (the vocabulary size, the [MASK] id)."""
-  if config.loss.mlm_mask_id < 0:
+  if config.loss.mlm_mask_id < 0 and tokenizer.mask_id is not None:
     config.loss.mlm_mask_id = tokenizer.mask_id
   if config.model.text.vocab_size == 0:
     config.model.text.vocab_size = tokenizer.vocab_size
