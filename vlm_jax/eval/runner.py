@@ -140,6 +140,7 @@ def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder, split:
   examples = pipeline.eval_examples(config.data, split, config.eval.max_examples)
   image_emb = embedder.images(examples['image'])
   metrics: dict[str, float] = {}
+  text_emb = None  # of all captions, shared by retrieval and ITM re-ranking
   if config.eval.zeroshot:
     single = np.asarray(examples['num_objects']) == 1
     if single.any():
@@ -153,14 +154,15 @@ def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder, split:
     text_emb = embedder.texts(captions)
     metrics.update(retrieval.retrieval_metrics(image_emb, text_emb, text_to_image))
   if config.eval.matching:
-    metrics.update(_matching_metrics(config, embedder, examples, image_emb))
+    metrics.update(_matching_metrics(config, embedder, examples, image_emb, text_emb))
   return {f'eval/{split}/{k}': float(v) for k, v in metrics.items()}
 
 
 def _matching_metrics(config: ml_collections.ConfigDict, embedder: Embedder, examples: dict,
-                      image_emb: np.ndarray) -> dict[str, float]:
+                      image_emb: np.ndarray, text_emb: np.ndarray | None) -> dict[str, float]:
   """Relation and attribute swap accuracy (by cosine, and by ITM for fusion models); for
-  fusion models also ITM accuracy and retrieval re-ranked by ITM."""
+  fusion models also ITM accuracy and retrieval re-ranked by ITM. `text_emb`: the captions'
+  embeddings when retrieval already computed them (else None)."""
   metrics = {}
   fusion = embedder.can_match
   if fusion:
@@ -193,7 +195,8 @@ def _matching_metrics(config: ml_collections.ConfigDict, embedder: Embedder, exa
     text_to_image = np.asarray([i for i, caps in enumerate(examples['captions']) for _ in caps])
     ids, mask = embedder.tokenize(captions)
     text_tokens = embedder.text_tokens(ids, mask)
-    text_emb = embedder.token_ids(ids, mask)
+    if text_emb is None:
+      text_emb = embedder.token_ids(ids, mask)
     sims = image_emb @ text_emb.T  # [N, M]
     captions_of = [np.flatnonzero(text_to_image == i) for i in range(n)]
     i2t = matching.rerank_ranks(
