@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax.encoders.common import check_choice
-from vlm_jax.nn.transformer import dense
+from vlm_jax.nn.attention import causal_mask, combine_masks, padding_mask
+from vlm_jax.nn.transformer import ACTIVATION_AXES, dense
 
 Builder = Callable[[ml_collections.ConfigDict], nn.Module]
 DTYPES = ('float32', 'bfloat16', 'float16')
@@ -87,6 +88,21 @@ def project(x: jax.Array, width: int, name: str, dtype, param_dtype) -> jax.Arra
   if x.shape[-1] == width:
     return x.astype(dtype)
   return dense(width, (None, 'embed'), dtype, param_dtype, name)(x)
+
+
+def text_stream(text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
+                image_mask: jax.Array | None, width: int, causal: bool, dtype, param_dtype
+                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+  """The inputs of a text stream that cross-attends to image tokens (call from a compact
+  method): text [B, L, Dt] projected to `width` by 'text_in' when Dt != width, its
+  self-attention mask [B, 1, L | 1, L] (causal if `causal`, padding keys masked), the image
+  tokens [B, N, Di] in `dtype` and their cross-attention mask [B, 1, 1, N] (None: all)."""
+  x = project(text_tokens, width or text_tokens.shape[-1], 'text_in', dtype, param_dtype)
+  x = nn.with_logical_constraint(x, ACTIVATION_AXES)  # [B, L, D]
+  self_mask = combine_masks(causal_mask(x.shape[1]) if causal else None,
+                            padding_mask(text_mask))
+  cross_mask = None if image_mask is None else padding_mask(image_mask)
+  return x, self_mask, image_tokens.astype(dtype), cross_mask
 
 
 # The layers register themselves on import.

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax import fusion
-from vlm_jax.nn.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
+from vlm_jax.nn.attention import MultiHeadAttention
 from vlm_jax.nn.transformer import ACTIVATION_AXES, Mlp, layer_norm
 
 Dtype = Any
@@ -70,13 +70,9 @@ class CrossAttentionFusion(nn.Module):
                text_tokens: jax.Array, text_mask: jax.Array, deterministic: bool = True
                ) -> jax.Array:
     """Image [B, N, Di], mask [B, N] | None; text [B, L, Dt], mask [B, L] -> [B, L, D]."""
-    width = self.width or text_tokens.shape[-1]
-    x = fusion.project(text_tokens, width, 'text_in', self.dtype, self.param_dtype)
-    x = nn.with_logical_constraint(x, ACTIVATION_AXES)  # [B, L, D]
-    self_mask = combine_masks(causal_mask(x.shape[1]) if self.causal else None,
-                              padding_mask(text_mask))  # [B, 1, L | 1, L]
-    cross_mask = None if image_mask is None else padding_mask(image_mask)  # [B, 1, 1, N]
-    image_tokens = image_tokens.astype(self.dtype)
+    x, self_mask, image_tokens, cross_mask = fusion.text_stream(
+        text_tokens, text_mask, image_tokens, image_mask, self.width, self.causal, self.dtype,
+        self.param_dtype)  # [B, L, D]
     for i in range(self.depth):
       x = CrossAttentionBlock(self.num_heads, self.mlp_dim, self.activation, self.dropout_rate,
                               self.layer_norm_eps, self.dtype, self.param_dtype,

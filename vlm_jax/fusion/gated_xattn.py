@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlm_jax import fusion
-from vlm_jax.nn.attention import MultiHeadAttention, causal_mask, combine_masks, padding_mask
+from vlm_jax.nn.attention import MultiHeadAttention
 from vlm_jax.nn.transformer import ACTIVATION_AXES, EncoderBlock, Mlp, layer_norm
 
 Dtype = Any
@@ -82,13 +82,9 @@ class GatedCrossAttentionFusion(nn.Module):
     """Image [B, N, Di], mask [B, N] | None; text [B, L, Dt], mask [B, L] -> [B, L, D]."""
     if self.every < 1:
       raise ValueError(f'model.fusion.every must be >= 1, got {self.every}.')
-    width = self.width or text_tokens.shape[-1]
-    x = fusion.project(text_tokens, width, 'text_in', self.dtype, self.param_dtype)
-    x = nn.with_logical_constraint(x, ACTIVATION_AXES)  # [B, L, D]
-    self_mask = combine_masks(causal_mask(x.shape[1]) if self.causal else None,
-                              padding_mask(text_mask))  # [B, 1, L | 1, L]
-    cross_mask = None if image_mask is None else padding_mask(image_mask)  # [B, 1, 1, N]
-    image_tokens = image_tokens.astype(self.dtype)
+    x, self_mask, image_tokens, cross_mask = fusion.text_stream(
+        text_tokens, text_mask, image_tokens, image_mask, self.width, self.causal, self.dtype,
+        self.param_dtype)  # [B, L, D]
     kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, activation=self.activation,
                   dropout_rate=self.dropout_rate, layer_norm_eps=self.layer_norm_eps,
                   dtype=self.dtype, param_dtype=self.param_dtype)
