@@ -8,21 +8,19 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from vlm_jax import cli
 from vlm_jax import fusion
 from vlm_jax.data import datasets
 from vlm_jax.data import pipeline
 from vlm_jax.data import records
 from vlm_jax.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from run_configs import REPO, tiny_config  # pylint: disable=g-bad-import-order
+
 FUSION_CONFIGS = ('albef_shapes', 'vilt_shapes', 'flamingo_shapes', 'qformer_shapes')
 
 
 def tiny_fusion_config(name, data_dir):
-  config = cli._load_config_file(os.path.join(REPO, 'configs', f'{name}.py:tiny'))
-  config.data.data_dir = str(data_dir)
-  config.train.num_steps, config.train.log_every_steps = 3, 1
+  config = tiny_config(data_dir, name, num_steps=3, log_every_steps=1)
   config.checkpoint.every_steps = 3
   config.eval.splits, config.eval.max_examples, config.eval.rerank_k = ('test',), 32, 4
   return config
@@ -98,7 +96,7 @@ def test_hard_negatives_in_the_train_stream_are_false_captions(small_data_cfg):
 
 
 def test_unknown_fusion_name_is_a_clear_error():
-  config = cli._load_config_file(os.path.join(REPO, 'configs', 'albef_shapes.py:tiny'))
+  config = tiny_config('', 'albef_shapes')
   config.model.fusion.name = 'crossattention'
   config.model.text.vocab_size = 100
   from vlm_jax import models  # pylint: disable=g-import-not-at-top
@@ -112,7 +110,7 @@ def test_the_readme_fusion_example_builds_and_runs():
   code = section[section.index('```python') + len('```python'):section.index('```\n\n')]
   exec(compile(code, 'README.md', 'exec'), {})  # pylint: disable=exec-used
   try:
-    config = cli._load_config_file(os.path.join(REPO, 'configs', 'albef_shapes.py:tiny'))
+    config = tiny_config('', 'albef_shapes')
     config.model.fusion.name = 'film'
     config.model.text.vocab_size = 50
     from vlm_jax import models  # pylint: disable=g-import-not-at-top

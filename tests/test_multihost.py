@@ -14,14 +14,14 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import cli
 from vlm_jax.data import datasets
 from vlm_jax.eval import runner
 from vlm_jax.training import checkpointing
 from vlm_jax.training import distributed
 from vlm_jax.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from run_configs import REPO, tiny_config  # pylint: disable=g-bad-import-order
+
 NUM_STEPS = 3
 
 
@@ -85,10 +85,7 @@ def test_embeddings_of_mesh_params_equal_host_params(shapes_small_dir):
 
 
 def _tiny_config(data_dir):
-  config = cli._load_config_file(os.path.join(REPO, 'configs', 'clip_shapes.py') + ':tiny')
-  config.data.data_dir = str(data_dir)
-  config.train.num_steps = NUM_STEPS
-  return config
+  return tiny_config(data_dir, num_steps=NUM_STEPS)
 
 
 def _free_port() -> int:

@@ -9,19 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import cli
 from vlm_jax.convert import rules
 from vlm_jax.training import pretrained
 from vlm_jax.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(data_dir, name='clip_shapes.py', **train):
-  config = cli._load_config_file(os.path.join(REPO, 'configs', name) + ':tiny')
-  config.data.data_dir = str(data_dir)
-  config.train.update(train)
-  return config
+from run_configs import REPO, tiny_config  # pylint: disable=g-bad-import-order
 
 
 @pytest.fixture(scope='module')

@@ -9,18 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from vlm_jax import cli
 from vlm_jax.training import checkpointing
 from vlm_jax.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(data_dir, name='clip_shapes.py', **train):
-  config = cli._load_config_file(os.path.join(REPO, 'configs', name) + ':tiny')
-  config.data.data_dir = str(data_dir)
-  config.train.update(train)
-  return config
+from run_configs import REPO, tiny_config  # pylint: disable=g-bad-import-order
 
 
 @pytest.fixture(scope='module')
@@ -72,7 +64,7 @@ def test_checkpoint_of_another_model_is_refused(uninterrupted, shapes_small_dir)
 
 def test_siglip_trains(shapes_small_dir, tmp_path):
   state, results = trainer.train_and_evaluate(
-      tiny_config(shapes_small_dir, 'siglip_shapes.py', num_steps=2), str(tmp_path))
+      tiny_config(shapes_small_dir, 'siglip_shapes', num_steps=2), str(tmp_path))
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert 'train/sigmoid' in rows[0] and np.isfinite(rows[0]['train/loss'])
   assert 'eval/test_novel/zeroshot_top1' in results
