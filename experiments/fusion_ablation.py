@@ -22,12 +22,12 @@ import json
 import logging
 import math
 import os
-import statistics
 import time
 
 import jax
 from absl import flags
 
+from experiments.ablation_utils import bar_chart_svg, mean_std, step_time_ms
 from vlm_jax import cli
 from vlm_jax.training import trainer
 
@@ -65,18 +65,6 @@ def run_config(model: str, seed: int, steps: int, batch_size: int, eval_examples
   return config
 
 
-def step_time_ms(workdir: str) -> float:
-  """Median train step time from metrics.jsonl, the first (compiling) window left out."""
-  rates = []
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      row = json.loads(line)
-      if 'train/steps_per_sec' in row:
-        rates.append(row['train/steps_per_sec'])
-  rates = rates[1:] or rates
-  return 1000.0 / statistics.median(rates) if rates else float('nan')
-
-
 def run_one(model: str, seed: int) -> dict:
   """Trains (or reads) one run; returns its metrics plus parameters, step time, wall time."""
   workdir = os.path.join(_WORKDIR.value, f'{model}_seed{seed}')
@@ -93,13 +81,6 @@ def run_one(model: str, seed: int) -> dict:
   with open(summary_path, 'w') as f:
     json.dump(summary, f, indent=2, sort_keys=True)
   return summary
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-  values = [v for v in values if v is not None and not math.isnan(v)]
-  if not values:
-    return float('nan'), float('nan')
-  return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def table(runs: list[dict], models: list[str]) -> str:
@@ -120,38 +101,6 @@ def table(runs: list[dict], models: list[str]) -> str:
   return '\n'.join(lines)
 
 
-def bar_chart_svg(runs: list[dict], models: list[str], key: str, title: str) -> str:
-  """A dependency-free SVG bar chart of mean ± std of `key` (in %) per model, chance line
-  at 50%."""
-  width, height, left, bottom, bar = 520, 300, 50, 40, 60
-  plot_h = height - bottom - 30
-  y = lambda v: height - bottom - plot_h * v / 100
-  parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           'font-family="sans-serif" font-size="12">',
-           f'<text x="{width / 2}" y="18" text-anchor="middle">{title}</text>']
-  for tick in range(0, 101, 25):
-    parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{y(tick)}" y2="{y(tick)}" '
-                 'stroke="#ddd"/>')
-    parts.append(f'<text x="{left - 6}" y="{y(tick) + 4}" text-anchor="end">{tick}</text>')
-  parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{y(50)}" y2="{y(50)}" '
-               'stroke="#c33" stroke-dasharray="4 3"/>')
-  for i, model in enumerate(models):
-    mean, std = mean_std([r.get(key) for r in runs if r['model'] == model])
-    if math.isnan(mean):
-      continue
-    x = left + 20 + i * (bar + 30)
-    parts.append(f'<rect x="{x}" y="{y(100 * mean)}" width="{bar}" '
-                 f'height="{y(0) - y(100 * mean)}" fill="#4a7ab5"/>')
-    parts.append(f'<line x1="{x + bar / 2}" x2="{x + bar / 2}" y1="{y(100 * (mean - std))}" '
-                 f'y2="{y(100 * (mean + std))}" stroke="black"/>')
-    parts.append(f'<text x="{x + bar / 2}" y="{height - bottom + 16}" '
-                 f'text-anchor="middle">{model}</text>')
-    parts.append(f'<text x="{x + bar / 2}" y="{y(100 * mean) - 6}" '
-                 f'text-anchor="middle">{100 * mean:.1f}</text>')
-  parts.append('</svg>')
-  return '\n'.join(parts)
-
-
 def main(argv):
   del argv
   models = list(_MODELS.value)
@@ -169,8 +118,9 @@ def main(argv):
   with open(base + '.json', 'w') as f:
     json.dump(runs, f, indent=2, sort_keys=True)
   with open(base + '.svg', 'w') as f:
-    f.write(bar_chart_svg(runs, models, 'eval/test/relation_accuracy',
-                          'Relation accuracy on test (%), chance 50%'))
+    bars = [(m, [r.get('eval/test/relation_accuracy') for r in runs if r['model'] == m])
+            for m in models]
+    f.write(bar_chart_svg(bars, 'Relation accuracy on test (%), chance 50%'))
   command = ('python -m experiments.fusion_ablation '
              f'--steps={_STEPS.value} --batch_size={_BATCH.value} '
              f'--eval_examples={_EVAL_EXAMPLES.value} --seeds={",".join(map(str, seeds))} '

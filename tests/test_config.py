@@ -46,6 +46,15 @@ def test_diff_names_changed_keys():
   assert config_utils.diff(a, b) == ['model.image.width: 128 vs 256']
 
 
+def test_diff_counts_keys_missing_from_an_old_config_at_their_defaults():
+  saved = {'model': {'image': {'width': 128}}}  # written before 'layers' existed
+  defaults = {'model': {'image': {'width': 64, 'layers': (1, 1)}}}
+  assert not config_utils.diff(saved, {'model': {'image': {'width': 128, 'layers': [1, 1]}}},
+                               defaults)
+  assert config_utils.diff(saved, {'model': {'image': {'width': 128, 'layers': [2, 2]}}},
+                           defaults) == ['model.image.layers: [1, 1] vs [2, 2]']
+
+
 def _run(*args):
   return subprocess.run([sys.executable, '-m', 'vlm_jax.train', *args], cwd=REPO,
                         capture_output=True, text=True, timeout=120)

@@ -10,6 +10,8 @@ from vlm_jax import losses
 from vlm_jax import models
 from vlm_jax.defaults import base_config
 from vlm_jax.losses import contrastive
+from vlm_jax.losses import matching
+from vlm_jax.training import objectives
 
 
 def _embeddings(b=5, e=8, seed=0):
@@ -33,12 +35,12 @@ def _np_softmax_loss(img, txt, scale):
   return (i2t + t2i) / 2
 
 
-def _np_sigmoid_loss(img, txt, scale, bias):
+def _np_sigmoid_loss(img, txt, scale, bias, positives=None):
   b = len(img)
   total = 0.0
   for i in range(b):
     for j in range(b):
-      z = 1.0 if i == j else -1.0
+      z = 1.0 if (i == j if positives is None else positives[i][j]) else -1.0
       logit = scale * float(np.dot(img[i], txt[j])) + bias
       total += math.log1p(math.exp(-z * logit))  # -log sigmoid(z * logit)
   return total / b
@@ -53,6 +55,38 @@ def test_softmax_matches_numpy():
   np.testing.assert_allclose(0.5 * (metrics['i2t_loss'] + metrics['t2i_loss']), loss,
                              rtol=1e-6)
   assert set(metrics) == {'i2t_loss', 't2i_loss', 'i2t_accuracy', 't2i_accuracy'}
+
+
+def test_sigmoid_with_same_text_positives_matches_numpy():
+  """Rows 0, 2 and 3 share a caption: all their pairs are positives (loss.positives)."""
+  img, txt = _embeddings(b=5)
+  ids = jnp.asarray([[1, 7, 2, 0], [1, 8, 2, 0], [1, 7, 2, 0], [1, 7, 2, 0], [1, 7, 9, 2]])
+  positives = matching.identical_rows(ids, ids > 0)
+  expected = [[i == j or {i, j} <= {0, 2, 3} for j in range(5)] for i in range(5)]
+  np.testing.assert_array_equal(positives, expected)
+  loss, _ = jax.jit(losses.sigmoid_contrastive)(
+      jnp.asarray(img, jnp.float32), jnp.asarray(txt, jnp.float32), jnp.float32(4.0),
+      jnp.float32(-1.5), positives)
+  np.testing.assert_allclose(loss, _np_sigmoid_loss(img, txt, 4.0, -1.5, expected), rtol=1e-5)
+  diagonal, _ = losses.sigmoid_contrastive(jnp.asarray(img), jnp.asarray(txt), 4.0, -1.5)
+  assert abs(float(diagonal) - float(loss)) > 1e-3
+
+
+def test_same_text_positives_are_refused_where_unsupported():
+  config = base_config()
+  config.loss.positives = 'same_text'
+  with pytest.raises(ValueError, match="loss.name='sigmoid'"):
+    objectives.make_outputs_loss_fn(config)
+  config.loss.name = 'sigmoid'
+  with pytest.raises(ValueError, match='microbatches=1'):
+    config.train.microbatches = 2
+    objectives.make_outputs_loss_fn(config)
+  config.train.microbatches = 1
+  with pytest.raises(ValueError, match='parallel.mode'):
+    objectives.make_outputs_loss_fn(config, axis_name='batch')
+  config.loss.positives = 'identical'
+  with pytest.raises(ValueError, match='same_text'):
+    objectives.make_outputs_loss_fn(config)
 
 
 def test_softmax_perfect_match_accuracy():

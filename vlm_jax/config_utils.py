@@ -47,9 +47,15 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def diff(a: dict, b: dict) -> list[str]:
-  """Dotted keys whose values differ between two (nested) plain dicts, as readable lines."""
+def diff(a: dict, b: dict, defaults: dict | None = None) -> list[str]:
+  """Dotted keys whose values differ between two (nested) plain dicts, as readable lines.
+
+  `defaults`: a dict of the same layout whose values stand in for keys missing from `a`
+  (a config saved before those keys existed had their default behaviour).
+  """
   fa, fb = dict(flatten(a)), dict(flatten(b))
+  for key, value in flatten(defaults or {}):
+    fa.setdefault(key, value)
   lines = []
   for key in sorted(set(fa) | set(fb)):
     va, vb = fa.get(key, '<missing>'), fb.get(key, '<missing>')

@@ -22,6 +22,8 @@ def base_config() -> ml_collections.ConfigDict:
       std=(0.5, 0.5, 0.5),
       flip=False,               # horizontal flip, with left/right swapped in captions
       hard_negatives=False,     # add a false caption per two-object image (for ITM)
+      vqa=False,                # add one question-answer sequence per image (captioners:
+                                # vqa_ids, vqa_mask, vqa_loss_mask; see data/pipeline.py)
       num_threads=2,
       prefetch=4,
   )
@@ -39,8 +41,18 @@ def base_config() -> ml_collections.ConfigDict:
           gelu_tanh=False,      # tanh-approximated GELU (SigLIP); exclusive with quick_gelu
           posemb_grid=0,        # side of the stored position grid, resized to other image
                                 # sizes; 0 = the grid of data.image_size (no resizing)
-          proj=True,            # False: the pooled output is the embedding (SigLIP)
-          pooler=False),        # model 'image_encoder': dense + tanh on the pooled token (HF ViT)
+          proj=True,            # False: the pooled output is the embedding (SigLIP; the
+                                # ResNet, whose attention pool outputs embed_dim as CLIP's)
+          pooler=False,         # model 'image_encoder': dense + tanh on the pooled token (HF ViT)
+          patch_dropout=0.0,    # ViT: fraction of patch tokens dropped per example in
+                                # training (FLIP); the class token is kept
+          # name='resnet' (vlm_jax/encoders/resnet.py): CLIP's modified ResNet; `width` is the
+          # stem width, `num_heads` the attention pool's heads, its output is embed_dim.
+          layers=(1, 1, 1),     # bottleneck blocks per stage; the map shrinks by
+                                # 4 * 2^(stages - 1): 3 stages leave 2 x 2 of 32 px
+          norm='group',         # only 'group': batch statistics would couple the examples
+                                # of a contrastive batch (README, "ResNet tower")
+          norm_groups=32),      # GroupNorm groups: gcd(norm_groups, channels) per layer
       text=dict(
           name='transformer', vocab_size=0,   # 0 = taken from the tokenizer
           width=128, depth=2, num_heads=4, mlp_dim=512, causal=True, pool='eot',
@@ -63,11 +75,27 @@ def base_config() -> ml_collections.ConfigDict:
           pool='first',         # ITM pooling of fused text tokens: 'first' | 'eot' | 'mean'
       ),
       heads=dict(itm=True, mlm=True),   # heads of a fusion model (ignored without fusion)
+      # CoCa (model.name='coca', vlm_jax/models/coca.py): causal text layers of the width,
+      # heads, MLP, vocabulary, positions, dropout and ln_eps of `text` (text.depth, causal
+      # and pool are not used): `unimodal_depth` without and `multimodal_depth` with
+      # cross-attention to `num_queries` attention-pooled image tokens; tie_embeddings: the
+      # LM head is the transposed token embedding.
+      decoder=dict(unimodal_depth=2, multimodal_depth=2, num_queries=16, tie_embeddings=False),
       temperature=dict(init=2.6592600369644165,  # ln(1 / 0.07)
                        min=0.0, max=4.605170185988092,  # ln(100)
                        bias_init=0.0, learn_bias=False),
       remat='none',             # 'none' | 'full' | 'dots_saveable'
       scan_layers=False,
+      # LoRA (vlm_jax/models/lora.py): kernel W -> W + (alpha / rank) A B on every kernel whose
+      # '/'-joined path a `targets` regex matches (re.match; Dense 'kernel' or attention
+      # 'qkv_kernel', 'kv_kernel', 'query_kernel', 'out_kernel'). With rank > 0 only the
+      # factors (params 'lora/...') and the parameters matched by `train_also` (regexes,
+      # e.g. a connector or head) are trained; every other parameter is frozen (optim.frozen).
+      # No LoRA dropout. Exports merge the factors (python -m vlm_jax.convert --to=hf).
+      lora=dict(rank=0,         # 0 = off
+                alpha=8.0,
+                targets=('.*attn/(qkv|query|kv|out)_kernel',),
+                train_also=()),
   )
 
   # sharded: with a mesh, the loss runs in shard_map over the batch mesh axes (softmax:
@@ -82,9 +110,14 @@ def base_config() -> ml_collections.ConfigDict:
   # -1 = the model's contrastive logit scale (ALBEF). A small scale draws nearly uniform
   # negatives, which matters where the batch's most similar captions are often true ones.
   # mlm_mask_id: the [MASK] token id; -1 = the tokenizer's (filled in by the trainer).
-  c.loss = dict(name='softmax', weights=dict(itc=1.0, itm=1.0, mlm=1.0), sharded=False,
+  # positives: 'pair' (image i with caption i only) or 'same_text' (sigmoid: every pair whose
+  # captions are identical is a positive, so repeated captions are not false negatives).
+  # weights.caption, weights.vqa: next-token cross-entropy of captions and of VQA answers
+  # (captioners; CoCa weighs caption 2, itc 1), with `label_smoothing`.
+  c.loss = dict(name='softmax', weights=dict(itc=1.0, itm=1.0, mlm=1.0, caption=0.0, vqa=0.0),
+                label_smoothing=0.0, sharded=False,
                 block_size=256, itm_negative_scale=-1.0, mlm_probability=0.15,
-                mlm_mask_id=-1)
+                mlm_mask_id=-1, positives='pair')
 
   # frozen: regexes matched (re.match) against '/'-joined parameter paths; matching
   # parameters are never updated and carry no optimizer state ('image' locks image_encoder
@@ -139,6 +172,11 @@ def base_config() -> ml_collections.ConfigDict:
       matching=True,
       rerank_k=16,
       prompt_templates=('a {}', 'a small {}', 'a large {}', 'a picture of a {}'),
+      # captioners (CoCa): greedy captions scored by CIDEr-D and BLEU-4 against all captions
+      # of each image, and whether they name the object of single-object images; greedy
+      # answers to every question of the split's images (vlm_jax/eval/captioning.py).
+      captioning=True,
+      vqa=True,
   )
 
   c.checkpoint = dict(every_steps=500, keep=3, async_save=True)

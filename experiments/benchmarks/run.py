@@ -144,9 +144,14 @@ def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   batch, size, length = config.train.batch_size, config.data.image_size, config.data.max_text_len
-  return {'image': rng.standard_normal((batch, size, size, 3), np.float32),
-          'text_ids': rng.integers(1, vocab_size, (batch, length), dtype=np.int32),
-          'text_mask': np.ones((batch, length), bool)}
+  out = {'image': rng.standard_normal((batch, size, size, 3), np.float32),
+         'text_ids': rng.integers(1, vocab_size, (batch, length), dtype=np.int32),
+         'text_mask': np.ones((batch, length), bool)}
+  if config.data.vqa:  # captioners: question-answer rows, loss on the second half
+    out.update(vqa_ids=rng.integers(1, vocab_size, (batch, length), dtype=np.int32),
+               vqa_mask=np.ones((batch, length), bool),
+               vqa_loss_mask=np.broadcast_to(np.arange(length) >= length // 2, (batch, length)))
+  return out
 
 
 def _try_tokenizer(config):

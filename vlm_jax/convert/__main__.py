@@ -5,8 +5,9 @@
   python -m vlm_jax.convert --to=hf --src=WORKDIR --dst=HF_DIR
 
 WORKDIR holds config.json, params/ (orbax) and the tokenizer; `--to=hf` also takes a training
-workdir (its latest checkpoint). Families: CLIP, SigLIP, ViT, BERT, the BLIP-2 Q-Former
-(see vlm_jax/convert).
+workdir (its latest checkpoint). A LoRA run exports with its factors merged into the kernels,
+or, with --nomerge_lora, its base weights with the factors beside them in lora.safetensors.
+Families: CLIP, SigLIP, ViT, BERT, the BLIP-2 Q-Former (see vlm_jax/convert).
 """
 import logging
 import os
@@ -26,6 +27,11 @@ _FAMILY = flags.DEFINE_enum('family', '', ['', 'clip', 'siglip', 'vit', 'bert',
                                                'blip_2_qformer'],
                             'With --to=hf: the Hugging Face architecture to write; default: '
                             'from the model (siglip for a MAP-pooled dual encoder, else clip).')
+_MERGE_LORA = flags.DEFINE_bool('merge_lora', True, 'With --to=hf, for a LoRA run '
+                                 '(model.lora.rank > 0): merge the factors into the exported '
+                                 'weights; --nomerge_lora exports the base weights and writes the '
+                                 'factors to lora.safetensors (our parameter paths, rank and '
+                                 'alpha in its metadata).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Allow a non-empty --dst (files there are '
                                'replaced).')
 
@@ -54,12 +60,22 @@ def import_folder(src: str, dst: str, overwrite: bool = False) -> str:
           f'{tok}')
 
 
-def export_workdir(src: str, dst: str, family: str = '') -> str:
-  """Workdir -> Hugging Face folder; returns a one-line summary."""
+def export_workdir(src: str, dst: str, family: str = '', merge_lora: bool = True) -> str:
+  """Workdir -> Hugging Face folder; returns a one-line summary. A LoRA run's factors are
+  merged, or with `merge_lora=False` written to lora.safetensors beside the base weights."""
   from vlm_jax.convert import hf, workdir  # pylint: disable=g-import-not-at-top
-  config, params, tokenizer = workdir.load(src)
+  from vlm_jax.models import lora  # pylint: disable=g-import-not-at-top
+  config, params, tokenizer = workdir.load(src, merge_lora)
+  factors = None
+  if lora.PARAMS_KEY in params:  # only without merging
+    (params, factors), lora_cfg = lora.split(params), config.model.lora
+    config = workdir.merged_config(config)
   name = hf.export_hf(config, params, tokenizer, dst, family)
-  return f'{src} -> {dst}: {hf.FAMILIES[name].ARCHITECTURE}, {hf.count_params(params):,} parameters'
+  extra = ''
+  if factors is not None:
+    extra = f', LoRA factors in {hf.export_lora(dst, factors, lora_cfg)}'
+  return (f'{src} -> {dst}: {hf.FAMILIES[name].ARCHITECTURE}, {hf.count_params(params):,} '
+          f'parameters{extra}')
 
 
 def main(argv: list[str]) -> None:
@@ -71,7 +87,7 @@ def main(argv: list[str]) -> None:
     if _FROM.value:
       summary = import_folder(_SRC.value, _DST.value, _OVERWRITE.value)
     else:
-      summary = export_workdir(_SRC.value, _DST.value, _FAMILY.value)
+      summary = export_workdir(_SRC.value, _DST.value, _FAMILY.value, _MERGE_LORA.value)
   except (ConversionError, WorkdirError, OSError, ValueError) as e:
     raise cli.UserError(str(e).replace('\n', ' ')) from None
   print(summary)

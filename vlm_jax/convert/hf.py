@@ -220,5 +220,21 @@ def export_hf(config: ml_collections.ConfigDict, params: Any, tokenizer: Tokeniz
   return family_name
 
 
+LORA_WEIGHTS = 'lora.safetensors'
+
+
+def export_lora(folder: str, factors: Any, lora_cfg: ml_collections.ConfigDict) -> str:
+  """Writes a LoRA run's factors (the 'lora' subtree, per layer) to `folder`/lora.safetensors,
+  named by our parameter paths ('image_encoder/encoder/block_0/attn/qkv_kernel/a'), with rank
+  and alpha in the metadata: kernel += alpha / rank * `vlm_jax.models.lora.delta(name, a, b)`."""
+  tensors = {k: np.asarray(v, np.float32)
+             for k, v in R.flatten(relayout(jax.device_get(factors), scan=False)).items()}
+  path = os.path.join(folder, LORA_WEIGHTS)
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file(tensors, path, metadata={'format': 'vlm_jax_lora', 'rank': str(lora_cfg.rank),
+                                     'alpha': str(lora_cfg.alpha)})
+  return path
+
+
 def count_params(params: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -6,7 +6,9 @@
   WORKDIR/tokenizer.json      the checkpoint's tokenizer (+ special_tokens.json), if any
 
 A training workdir (config.json and checkpoints/) reads the same way: the parameters of its
-latest checkpoint, and the tokenizer its config names.
+latest checkpoint, and the tokenizer its config names. A LoRA run's factors (`model.lora`) are
+merged into its kernels by default, and the config read with them is then that of the merged
+model (`merged_config`).
 """
 import difflib
 import json
@@ -20,6 +22,7 @@ import orbax.checkpoint as ocp
 from vlm_jax import config_utils
 from vlm_jax.data import tokenizer as tokenizer_lib
 from vlm_jax.defaults import base_config
+from vlm_jax.models import lora
 
 PARAMS = 'params'
 TOKENIZER = 'tokenizer.json'
@@ -92,8 +95,16 @@ def tokenizer_path(workdir: str, config: ml_collections.ConfigDict) -> str:
   return datasets.tokenizer_path(config.data)
 
 
-def load_params(workdir: str) -> Any:
-  """The parameter tree (host arrays) of a converted or a training workdir."""
+def merged_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` without LoRA (`model.lora.rank` 0): the config of merged parameters."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.lora.rank = 0
+  return config
+
+
+def load_params(workdir: str, merge_lora: bool = True) -> Any:
+  """The parameter tree (host arrays) of a converted or a training workdir; a LoRA run's
+  factors merged into the kernels, or with `merge_lora=False` kept in its 'lora' subtree."""
   params_dir = os.path.abspath(os.path.join(workdir, PARAMS))
   if os.path.isdir(params_dir):
     with ocp.StandardCheckpointer() as checkpointer:
@@ -107,13 +118,20 @@ def load_params(workdir: str) -> Any:
                        'or checkpoints/ with at least one step (a training run).')
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   manager.close()
-  return jax.device_get(restored['state']['params'])
+  params = jax.device_get(restored['state']['params'])
+  if merge_lora and lora.PARAMS_KEY in params:
+    params = jax.device_get(lora.merge_params(params, read_config(workdir).model.lora))
+  return params
 
 
-def load(workdir: str) -> tuple[ml_collections.ConfigDict, Any, tokenizer_lib.Tokenizer | None]:
-  """(config, parameters, tokenizer or None) of a pretrained workdir."""
+def load(workdir: str, merge_lora: bool = True
+         ) -> tuple[ml_collections.ConfigDict, Any, tokenizer_lib.Tokenizer | None]:
+  """(config, parameters, tokenizer or None) of a pretrained workdir; LoRA factors merged
+  (and the config then `merged_config`) unless `merge_lora` is False."""
   config = read_config(workdir)
-  params = load_params(workdir)
+  params = load_params(workdir, merge_lora)
+  if merge_lora:
+    config = merged_config(config)
   tokenizer = None
   if config.model.name != 'image_encoder':
     path = tokenizer_path(workdir, config)

@@ -17,6 +17,7 @@ from vlm_jax.data import datasets
 from vlm_jax.data import records
 from vlm_jax.data import shapes_text
 from vlm_jax.data import tokenizer as tokenizer_lib
+from vlm_jax.data import vqa
 
 Batch = dict[str, np.ndarray]
 _MASK64 = (1 << 64) - 1
@@ -60,7 +61,7 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
     records_ = source.__getitems__(ids)  # one batched read
   else:
     records_ = [source[i] for i in ids]
-  images, captions, negatives = [], [], []
+  images, captions, negatives, questions, answers = [], [], [], [], []
   for r, record in enumerate(records_):
     features = records.parse(record)
     h = _hash(seed, batch_index * size + r)
@@ -68,9 +69,13 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
     caption = options[h % len(options)]
     image = records.image(features)  # [S, S, 3] uint8
     negative = _hard_negative(features, caption, h) if data_cfg.hard_negatives else ''
+    question, answer = _question_answer(features, h) if data_cfg.vqa else ('', '')
     if data_cfg.flip and h >> 63:
       image, caption = image[:, ::-1], shapes_text.flip_caption(caption)
       negative = shapes_text.flip_caption(negative)
+      question = shapes_text.flip_caption(question)
+    questions.append(question)
+    answers.append(answer)
     images.append(image)
     captions.append(caption)
     negatives.append(negative)
@@ -81,7 +86,21 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
     batch['neg_text_ids'], batch['neg_text_mask'] = tokenizer.encode_batch(
         negatives, data_cfg.max_text_len)
     batch['neg_valid'] = np.asarray([bool(n) for n in negatives])  # [b]
+  if data_cfg.vqa:
+    batch['vqa_ids'], batch['vqa_mask'], batch['vqa_loss_mask'] = vqa.vqa_sequences(
+        tokenizer, questions, answers, data_cfg.max_text_len)
   return batch
+
+
+def _question_answer(features: records.Features, h: int) -> tuple[str, str]:
+  """One of the example's (question, answer) pairs, picked by bits 16+ of its hash."""
+  questions = records.texts(features, 'questions')
+  answers = records.texts(features, 'answers')
+  if not questions or len(questions) != len(answers):
+    raise ValueError(f'data.vqa needs examples with questions and as many answers; got '
+                     f'{len(questions)} questions and {len(answers)} answers.')
+  index = (h >> 16) % len(questions)
+  return questions[index], answers[index]
 
 
 def _hard_negative(features: records.Features, caption: str, h: int) -> str:
@@ -111,7 +130,10 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
   Batches are dicts: `image` float32 [b, S, S, 3] (normalised), `text_ids` int32 [b, L] and
   `text_mask` bool [b, L], with b = global_batch_size // process_count, L = max_text_len;
   with `data.hard_negatives` also `neg_text_ids` [b, L], `neg_text_mask` [b, L] and
-  `neg_valid` bool [b] (a false caption of the same image, see `_hard_negative`).
+  `neg_valid` bool [b] (a false caption of the same image, see `_hard_negative`); with
+  `data.vqa` also `vqa_ids`, `vqa_mask`, `vqa_loss_mask` [b, L] (one of the image's questions
+  with its answer, `[BOS] question answer [EOS]`, loss on the answer and EOS; see
+  `vlm_jax.data.vqa`).
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f'The global batch size ({global_batch_size}) must be positive and '

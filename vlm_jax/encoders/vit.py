@@ -1,4 +1,6 @@
-"""Vision Transformer image tower (Dosovitskiy et al., 2021), with CLIP's and SigLIP's options."""
+"""Vision Transformer image tower (Dosovitskiy et al., 2021), with CLIP's, SigLIP's and FLIP's
+options."""
+import math
 from typing import Any
 
 import einops
@@ -28,10 +30,37 @@ def check_images(images: jax.Array, patch_size: int) -> None:
                      f'{patch_size}; resize the images or change model.image.patch_size.')
 
 
+def kept_patches(num_patches: int, fraction: float) -> int:
+  """Patches that patch dropout keeps: N - round(fraction N), halves rounded up, at least 1."""
+  return max(num_patches - math.floor(fraction * num_patches + 0.5), 1)
+
+
+def check_patch_dropout(fraction: float) -> None:
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f'model.image.patch_dropout must be in [0, 1), got {fraction}.')
+
+
+def drop_patches(rng: jax.Array, x: jax.Array, fraction: float, num_prefix: int = 0
+                 ) -> jax.Array:
+  """FLIP's patch dropout: [B, P + N, D] -> [B, P + K, D], K = kept_patches(N, fraction).
+
+  The P leading tokens (the class token) are kept; of the N patch tokens each example keeps
+  its own random K, gathered in their original order, so that what follows computes on
+  P + K tokens (masking would not shrink the compute).
+  """
+  prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+  batch, num_patches = patches.shape[:2]
+  keep = kept_patches(num_patches, fraction)
+  _, index = jax.lax.top_k(jax.random.uniform(rng, (batch, num_patches)), keep)  # [B, K]
+  kept = jnp.take_along_axis(patches, jnp.sort(index, axis=-1)[..., None], axis=1)
+  return jnp.concatenate([prefix, kept], axis=1)  # [B, P + K, D]
+
+
 class ViT(nn.Module):
   """Images [B, H, W, 3] -> (pooled [B, D], tokens [B, N, D]), after the final LayerNorm.
 
-  N = H W / patch_size^2, plus one with the class token (pool 'cls').
+  N = H W / patch_size^2 (in training with patch_dropout, the kept patches), plus one with
+  the class token (pool 'cls').
 
   Attributes:
     pool: 'cls' (class token, CLIP), 'map' (attention pooling, SigLIP) or 'gap' (mean).
@@ -41,6 +70,8 @@ class ViT(nn.Module):
     posemb_grid: side G of the learned position grid (posemb 'learn'); 0 = the grid of the
       images at init. With G > 0 the positions of a G x G grid are stored and resized
       (bicubic) to the grid of other image sizes, e.g. a 224 px checkpoint on 32 px images.
+    patch_dropout: fraction of the patch tokens dropped per example in training (FLIP; see
+      `drop_patches`), after the positions are added; none at evaluation (deterministic).
   """
   patch_size: int
   width: int
@@ -52,6 +83,7 @@ class ViT(nn.Module):
   ln_pre: bool = False
   patch_bias: bool = True
   posemb_grid: int = 0
+  patch_dropout: float = 0.0
   activation: str = 'gelu'
   dropout_rate: float = 0.0
   layer_norm_eps: float = 1e-5
@@ -97,6 +129,7 @@ class ViT(nn.Module):
     check_choice('model.image.pool', self.pool, POOLS)
     check_choice('model.image.posemb', self.posemb, POSEMBS)
     check_images(images, self.patch_size)
+    check_patch_dropout(self.patch_dropout)
     x, h, w = self._patchify(images)  # [B, N, D]
     batch = x.shape[0]
     if self.posemb == 'sincos2d':
@@ -106,6 +139,9 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)), x], axis=1)
     if self.posemb == 'learn':
       x = x + self._learned_posemb(h, w, x.shape[1])[None]  # [B, N(+1), D]
+    if self.patch_dropout and not deterministic:
+      x = drop_patches(self.make_rng('dropout'), x, self.patch_dropout,
+                       num_prefix=int(self.pool == 'cls'))  # [B, K(+1), D]
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     if self.ln_pre:
       x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_pre')(x)

@@ -18,9 +18,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax.data import datasets
 from vlm_jax.data import pipeline
+from vlm_jax.eval import captioning
 from vlm_jax.eval import matching
 from vlm_jax.eval import retrieval
 from vlm_jax.eval import zeroshot
+from vlm_jax.inference import generation
 from vlm_jax.training import partitioning
 
 
@@ -135,8 +137,9 @@ class Embedder:
 
 
 def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder, split: str,
-                   class_names: list[str]) -> dict[str, float]:
-  """Zero-shot classification (single-object images) and retrieval on one split."""
+                   class_names: list[str], generator: Any = None) -> dict[str, float]:
+  """Zero-shot classification (single-object images) and retrieval on one split; with a
+  captioner's `generator` (`vlm_jax.inference.generation.Generator`), captioning and VQA."""
   examples = pipeline.eval_examples(config.data, split, config.eval.max_examples)
   image_emb = embedder.images(examples['image'])
   metrics: dict[str, float] = {}
@@ -155,6 +158,8 @@ def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder, split:
     metrics.update(retrieval.retrieval_metrics(image_emb, text_emb, text_to_image))
   if config.eval.matching:
     metrics.update(_matching_metrics(config, embedder, examples, image_emb, text_emb))
+  if generator is not None:
+    metrics.update(captioning.evaluate_examples(config.eval, generator, examples))
   return {f'eval/{split}/{k}': float(v) for k, v in metrics.items()}
 
 
@@ -218,9 +223,14 @@ def evaluate(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
   embedder = Embedder(model, params, tokenizer, config.data.max_text_len, config.eval.batch_size,
                       config.parallel)
   class_names = datasets.class_names(config.data)
+  generator = None
+  if generation.is_captioner(model) and (config.eval.captioning or config.eval.vqa):
+    generator = generation.Generator(model, params, tokenizer,
+                                     generation.generation_max_len(config),
+                                     config.eval.batch_size, config.parallel)
   results: dict[str, float] = {}
   for split in config.eval.splits:
-    split_metrics = evaluate_split(config, embedder, split, class_names)
+    split_metrics = evaluate_split(config, embedder, split, class_names, generator)
     logging.info('%s', ' '.join(f'{k}={v:.4f}' for k, v in split_metrics.items()))
     results.update(split_metrics)
   return results

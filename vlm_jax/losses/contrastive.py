@@ -62,18 +62,23 @@ def softmax_contrastive(image_emb: jax.Array, text_emb: jax.Array, logit_scale: 
 
 
 def sigmoid_contrastive(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
-                        logit_bias: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+                        logit_bias: jax.Array, positives: jax.Array | None = None
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """SigLIP's pairwise sigmoid loss: -(1/B) sum_ij log sigmoid(z_ij (scale <i, t> + bias)).
 
   Args:
     image_emb: [B, E]; text_emb: [B, E]; logit_scale, logit_bias: scalars.
+    positives: [B, B] bool, the pairs with label z = +1; None = the diagonal (pair i, i).
+      Marking every pair whose captions are identical as positive (`loss.positives=
+      'same_text'`) removes the false negatives of datasets with repeated captions.
 
   Returns:
     (loss scalar float32, metrics: pos_loss, neg_loss (their per-image shares of the loss),
     i2t_accuracy, t2i_accuracy).
   """
   logits = pairwise_logits(image_emb, text_emb, logit_scale, logit_bias)  # [B, B]
-  positives = positive_mask(*logits.shape)
+  if positives is None:
+    positives = positive_mask(*logits.shape)
   terms = sigmoid_terms(logits, positives)  # [B, B]
   batch = logits.shape[0]
   pos = jnp.sum(jnp.where(positives, terms, 0.0)) / batch

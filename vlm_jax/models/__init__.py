@@ -5,10 +5,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
+from vlm_jax.encoders import resnet as resnet_lib
 from vlm_jax.encoders import text as text_lib
 from vlm_jax.encoders import vit as vit_lib
 from vlm_jax.encoders.common import check_choice
 from vlm_jax.models import fusion_encoder as fusion_encoder_lib
+from vlm_jax.models import lora
+from vlm_jax.models.coca import CoCa
 from vlm_jax.models.dual_encoder import DualEncoder
 from vlm_jax.models.fusion_encoder import FusionEncoder
 from vlm_jax.models.qformer_model import QFormerModel
@@ -44,11 +47,30 @@ def build_vit(model_cfg: ml_collections.ConfigDict) -> nn.Module:
   c = model_cfg.image
   check_choice('model.image.pool', c.pool, vit_lib.POOLS)
   check_choice('model.image.posemb', c.posemb, vit_lib.POSEMBS)
+  vit_lib.check_patch_dropout(c.patch_dropout)
   return vit_lib.ViT(
       patch_size=c.patch_size, width=c.width, depth=c.depth, num_heads=c.num_heads,
       mlp_dim=c.mlp_dim, pool=c.pool, posemb=c.posemb, ln_pre=c.ln_pre,
-      patch_bias=c.patch_bias, posemb_grid=c.posemb_grid, activation=_activation(c),
-      dropout_rate=c.dropout, layer_norm_eps=c.ln_eps, **_common(model_cfg))
+      patch_bias=c.patch_bias, posemb_grid=c.posemb_grid, patch_dropout=c.patch_dropout,
+      activation=_activation(c), dropout_rate=c.dropout, layer_norm_eps=c.ln_eps,
+      **_common(model_cfg))
+
+
+def build_resnet(model_cfg: ml_collections.ConfigDict) -> nn.Module:
+  """CLIP's modified ResNet of `model_cfg.image`; its attention pool outputs
+  `model_cfg.embed_dim` (CLIP has no image projection: set `model.image.proj=False`).
+  `model.remat` applies per bottleneck block; `model.scan_layers` does not apply (the blocks
+  of different stages differ in shape)."""
+  c = model_cfg.image
+  check_choice('model.image.norm', c.norm, resnet_lib.NORMS)
+  if c.patch_dropout:
+    raise ValueError('model.image.patch_dropout drops ViT patch tokens; the ResNet tower '
+                     "(model.image.name='resnet') has none: set it to 0.")
+  common = _common(model_cfg)
+  return resnet_lib.ResNet(
+      layers=tuple(c.layers), width=c.width, num_heads=c.num_heads,
+      output_dim=model_cfg.embed_dim, norm=c.norm, norm_groups=c.norm_groups,
+      remat=common['remat'], dtype=common['dtype'], param_dtype=common['param_dtype'])
 
 
 def build_text_transformer(model_cfg: ml_collections.ConfigDict, text_max_len: int
@@ -69,6 +91,7 @@ def build_text_transformer(model_cfg: ml_collections.ConfigDict, text_max_len: i
 
 IMAGE_TOWERS: dict[str, Callable[[ml_collections.ConfigDict], nn.Module]] = {
     'vit': build_vit,
+    'resnet': build_resnet,
 }
 TEXT_TOWERS: dict[str, Callable[[ml_collections.ConfigDict, int], nn.Module]] = {
     'transformer': build_text_transformer,
@@ -143,12 +166,35 @@ def build_qformer(model_cfg: ml_collections.ConfigDict, *, text_max_len: int
   return QFormerModel(fusion.build_fusion(model_cfg))
 
 
+def build_coca(model_cfg: ml_collections.ConfigDict, *, text_max_len: int) -> CoCa:
+  """CoCa: the image tower of `model_cfg.image`, text layers of `model_cfg.text`'s width,
+  split as `model_cfg.decoder` says."""
+  t, d, temp = model_cfg.text, model_cfg.decoder, model_cfg.temperature
+  if t.vocab_size <= 0:
+    raise ValueError('model.text.vocab_size is 0: set it, or let the trainer fill it from the '
+                     'tokenizer before building the model.')
+  if t.width % t.num_heads:
+    raise ValueError(f'model.text.width={t.width} is not divisible by '
+                     f'model.text.num_heads={t.num_heads}.')
+  return CoCa(
+      image_encoder=build_image_tower(model_cfg), vocab_size=t.vocab_size,
+      max_len=t.max_len or text_max_len, width=t.width, num_heads=t.num_heads,
+      mlp_dim=t.mlp_dim, unimodal_depth=d.unimodal_depth, multimodal_depth=d.multimodal_depth,
+      num_queries=d.num_queries, embed_dim=model_cfg.embed_dim,
+      tie_embeddings=d.tie_embeddings, activation=_activation(t), dropout_rate=t.dropout,
+      layer_norm_eps=t.ln_eps, temperature_init=temp.init, temperature_min=temp.min,
+      temperature_max=temp.max, bias_init=temp.bias_init, learn_bias=temp.learn_bias,
+      dtype=_dtype(model_cfg.dtype, 'model.dtype'),
+      param_dtype=_dtype(model_cfg.param_dtype, 'model.param_dtype'))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'dual_encoder': build_dual_encoder,
     'fusion_encoder': build_fusion_encoder,
     'image_encoder': build_image_encoder,
     'masked_lm': build_masked_lm,
     'qformer': build_qformer,
+    'coca': build_coca,
 }
 
 
@@ -163,6 +209,12 @@ def build_model(model_cfg: ml_collections.ConfigDict, *, text_max_len: int) -> n
   Args:
     model_cfg: the `model` config group; `text.vocab_size` must be filled (non-zero).
     text_max_len: the number of learned text positions (`data.max_text_len`).
+
+  With `model_cfg.lora.rank` > 0 the model is wrapped by `lora.wrap`: its parameters gain a
+  'lora' subtree, merged into the kernels at every `apply`.
   """
   check_choice('model.name', model_cfg.name, tuple(MODELS))
-  return MODELS[model_cfg.name](model_cfg, text_max_len=text_max_len)
+  model = MODELS[model_cfg.name](model_cfg, text_max_len=text_max_len)
+  if model_cfg.get('lora') is None:
+    return model
+  return lora.wrap(model, lora.spec_from_config(model_cfg.lora))  # itself when rank is 0

@@ -63,6 +63,10 @@ class MultiHeadAttention(nn.Module):
   Self-attention (`inputs_kv` is None) uses one fused QKV kernel [D, 3, H, K]; cross-attention
   uses a query kernel [D, H, K] and a fused key-value kernel [Dkv, 2, H, K].
 
+  Incremental decoding reuses the same parameters: `attend_cached` (self-attention of new
+  tokens against a KV cache) and `project_kv` + `attend_kv` (cross-attention whose keys and
+  values are computed once per sequence).
+
   Attributes:
     num_heads: number of heads H.
     head_dim: K; defaults to D // H.
@@ -81,13 +85,16 @@ class MultiHeadAttention(nn.Module):
   def _project(self, x: jax.Array, name: str, shape: tuple[int, ...],
                axes: tuple[str | None, ...], init: Initializer, equation: str) -> jax.Array:
     kernel = _param(self, f'{name}_kernel', init, shape, axes, self.param_dtype)
-    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    y = jnp.einsum(equation, x, kernel)
+    bias = None
     if self.use_bias:
       bias = _param(self, f'{name}_bias', nn.initializers.zeros, shape[1:], axes[1:],
                     self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
+    return self._dense(x, kernel, bias, equation)
+
+  def _dense(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+             equation: str) -> jax.Array:
+    y = jnp.einsum(equation, x.astype(self.dtype), kernel.astype(self.dtype))
+    return y if bias is None else y + bias.astype(self.dtype)
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None,
@@ -128,9 +135,60 @@ class MultiHeadAttention(nn.Module):
     out_features = self.out_features or width
     out_kernel = _param(self, 'out_kernel', OUT_INIT, (heads, head_dim, out_features),
                         ('heads', 'kv', 'embed'), self.param_dtype)
-    y = jnp.einsum('blhk,hkd->bld', out, out_kernel.astype(self.dtype))  # [B, Lq, D]
+    out_bias = None
     if self.use_bias:
       out_bias = _param(self, 'out_bias', nn.initializers.zeros, (out_features,), ('embed',),
                         self.param_dtype)
-      y = y + out_bias.astype(self.dtype)
-    return y
+    return self._dense(out, out_kernel, out_bias, 'blhk,hkd->bld')  # [B, Lq, D]
+
+  # Incremental decoding. These methods read the parameters that `__call__` created (run it
+  # once first, e.g. through `init`); they create none.
+
+  def _stored_dense(self, x: jax.Array, name: str, equation: str) -> jax.Array:
+    """`x` through the existing projection `name` ('qkv', 'query', 'kv' or 'out')."""
+    def get(suffix):
+      value = self.get_variable('params', f'{name}_{suffix}')
+      if value is None:
+        raise ValueError(f'MultiHeadAttention {self.name!r} has no parameter {name}_{suffix}: '
+                         'call the module on full inputs (e.g. model.init) before decoding.')
+      return nn.unbox(value)
+    return self._dense(x, get('kernel'), get('bias') if self.use_bias else None, equation)
+
+  def project_kv(self, inputs_kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-attention keys and values of [B, Lk, Dkv] inputs: two [B, Lk, H, K] arrays, to
+    compute once and pass to `attend_kv` at every decoding step."""
+    kv = self._stored_dense(inputs_kv, 'kv', 'bld,dthk->blthk')  # [B, Lk, 2, H, K]
+    return kv[:, :, 0], kv[:, :, 1]
+
+  def attend_kv(self, inputs_q: jax.Array, key: jax.Array, value: jax.Array,
+                mask: jax.Array | None = None) -> jax.Array:
+    """Cross-attention from [B, Lq, D] queries to the keys and values of `project_kv`;
+    equals `__call__(inputs_q, inputs_kv, mask)`. Returns [B, Lq, out_features]."""
+    q = self._stored_dense(inputs_q, 'query', 'bld,dhk->blhk')  # [B, Lq, H, K]
+    out = jax.nn.dot_product_attention(q, key, value, mask=mask)
+    return self._stored_dense(out, 'out', 'blhk,hkd->bld')
+
+  def attend_cached(self, inputs_q: jax.Array, key_cache: jax.Array, value_cache: jax.Array,
+                    index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Causal self-attention of Lq new tokens at positions index .. index + Lq - 1, with the
+    keys and values of earlier positions from a fixed-size cache.
+
+    Args:
+      inputs_q: [B, Lq, D], the new tokens.
+      key_cache, value_cache: [B, M, H, K]; positions >= index are ignored (masked).
+      index: int32 [], the position of the first new token (the same for every row).
+
+    Returns:
+      ([B, Lq, out_features], the caches with the new keys and values written at `index`).
+      Equals `__call__` on the whole prefix with a causal mask, at the new positions.
+    """
+    qkv = self._stored_dense(inputs_q, 'qkv', 'bld,dthk->blthk')  # [B, Lq, 3, H, K]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    start = (0, index, 0, 0)
+    key_cache = jax.lax.dynamic_update_slice(key_cache, k.astype(key_cache.dtype), start)
+    value_cache = jax.lax.dynamic_update_slice(value_cache, v.astype(value_cache.dtype), start)
+    query_pos = index + jnp.arange(inputs_q.shape[1])  # [Lq]
+    mask = jnp.arange(key_cache.shape[1])[None, :] <= query_pos[:, None]  # [Lq, M]
+    out = jax.nn.dot_product_attention(q, key_cache.astype(q.dtype), value_cache.astype(q.dtype),
+                                       mask=mask[None, None])  # [B, Lq, H, K]
+    return self._stored_dense(out, 'out', 'blhk,hkd->bld'), key_cache, value_cache

@@ -66,3 +66,28 @@ class MAPHead(nn.Module):
     y = y + Mlp(self.mlp_dim or 4 * width, self.activation, dtype=self.dtype,
                 param_dtype=self.param_dtype, name='mlp')(z)
     return y[:, 0]
+
+
+class AttentionalPooler(nn.Module):
+  """Attentional pooling (CoCa): `num_queries` learned queries attend over the (layer-normed)
+  tokens, then a LayerNorm. [B, N, Di] -> [B, num_queries, width]."""
+  num_queries: int
+  width: int
+  num_heads: int
+  layer_norm_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """x: [B, N, Di]; mask: optional [B, N] bool of real tokens."""
+    queries = self.param(
+        'queries', nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, 'embed')),
+        (self.num_queries, self.width), self.param_dtype)
+    queries = jnp.broadcast_to(queries.astype(self.dtype),
+                               (x.shape[0], self.num_queries, self.width))  # [B, Q, D]
+    x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_kv')(x)
+    attn_mask = None if mask is None else padding_mask(mask)  # [B, 1, 1, N]
+    y = MultiHeadAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name='attn')(queries, x, mask=attn_mask)  # [B, Q, D]
+    return layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_out')(y)

@@ -14,6 +14,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from vlm_jax import config_utils
+from vlm_jax import defaults
 
 
 class CheckpointMismatchError(ValueError):
@@ -52,7 +53,8 @@ class Checkpointer:
     """Raises CheckpointMismatchError if checkpoint `step` belongs to another model config."""
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     saved, current = meta['meta'], model_signature(self._config)
-    differences = config_utils.diff(saved, current)
+    # Keys added to the schema after the checkpoint was written count at their defaults.
+    differences = config_utils.diff(saved, current, model_signature(defaults.base_config()))
     if differences:
       shown = '; '.join(differences[:5])
       raise CheckpointMismatchError(

@@ -19,9 +19,12 @@ import ml_collections
 from jax.sharding import Mesh, PartitionSpec as P
 
 from vlm_jax import losses
+from vlm_jax.encoders.common import check_choice
+from vlm_jax.losses import captioning
 from vlm_jax.losses import matching
 from vlm_jax.losses import mlm
 from vlm_jax.losses.sharded import AxisName
+from vlm_jax.models.coca import CoCa
 from vlm_jax.models.fusion_encoder import FusionEncoder
 from vlm_jax.training import partitioning
 
@@ -56,6 +59,8 @@ def contrastive_terms(name: str, outputs: dict, *, axis_name: AxisName | None = 
   """
   if axis_name is None:
     fn = losses.get_loss(name)
+    if 'positives' in outputs:  # loss.positives='same_text' (sigmoid only, checked)
+      fn = functools.partial(fn, positives=outputs['positives'])
   else:
     fn = _collective(name, axis_name, block_size)
   return _with_bias(name, fn)(outputs['image_emb'], outputs['text_emb'],
@@ -82,6 +87,22 @@ def _batch_axes(parallel_cfg) -> AxisName | None:
   return axes or None
 
 
+POSITIVES = ('pair', 'same_text')
+
+
+def _check_positives(config: ml_collections.ConfigDict, mesh: Mesh | None,
+                     axis_name: AxisName | None) -> bool:
+  """True for `loss.positives='same_text'`; raises where it is not supported."""
+  check_choice('loss.positives', config.loss.positives, POSITIVES)
+  if config.loss.positives == 'pair':
+    return False
+  sharded = axis_name is not None or (config.loss.sharded and mesh is not None)
+  if config.loss.name != 'sigmoid' or sharded or config.train.microbatches > 1:
+    raise ValueError("loss.positives='same_text' needs loss.name='sigmoid', the dense loss "
+                     "(loss.sharded=False, parallel.mode='jit') and train.microbatches=1.")
+  return True
+
+
 def _contrastive_fn(config: ml_collections.ConfigDict, mesh: Mesh | None,
                     axis_name: AxisName | None) -> Callable[[dict], tuple[jax.Array, dict]]:
   """Picks the dense, shard_map or pmap form of the contrastive loss (see module doc)."""
@@ -89,6 +110,7 @@ def _contrastive_fn(config: ml_collections.ConfigDict, mesh: Mesh | None,
   block_size = config.loss.get('block_size')
   if mesh is not None and axis_name is not None:
     raise ValueError('make_loss_fn: pass `mesh` (jit) or `axis_name` (pmap), not both.')
+  _check_positives(config, mesh, axis_name)
   if axis_name is not None:
     return lambda outputs: contrastive_terms(name, outputs, axis_name=axis_name,
                                              block_size=block_size)
@@ -105,7 +127,8 @@ def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
   """The training objective of `config.loss` for `model`.
 
   Args:
-    model: a dual encoder, or a fusion encoder (then see `make_fusion_loss_fn`).
+    model: a dual encoder, a fusion encoder (then see `make_fusion_loss_fn`) or a
+      captioner (`make_captioner_loss_fn`).
     config: the full config (reads `loss` and, for the sharded loss, `parallel.rules`).
     mesh: the jit path's mesh; used only when `loss.sharded` is true.
     axis_name: the pmap axis name; the batch passed to `loss_fn` is then the local shard.
@@ -115,16 +138,18 @@ def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
   """
   if isinstance(model, FusionEncoder):
     return make_fusion_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
-  name = config.loss.name
-  contrastive = _contrastive_fn(config, mesh, axis_name)
+  if isinstance(model, CoCa):
+    return make_captioner_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
+  embed_fn = make_embed_fn(model)
+  outputs_loss_fn = make_outputs_loss_fn(config, mesh=mesh, axis_name=axis_name)
+  same_text = _check_positives(config, mesh, axis_name)
 
   def loss_fn(params, batch, rng):
-    outputs = model.apply({'params': params}, batch['image'], batch['text_ids'],
-                          batch['text_mask'], deterministic=False, rngs={'dropout': rng})
-    loss, metrics = contrastive(outputs)
-    aux = {name: loss, 'logit_scale': outputs['logit_scale'],
-           'logit_bias': outputs['logit_bias'], **metrics}
-    return loss, aux
+    outputs = embed_fn(params, batch, rng)
+    if same_text:
+      outputs = {**outputs,
+                 'positives': matching.identical_rows(batch['text_ids'], batch['text_mask'])}
+    return outputs_loss_fn(outputs)
 
   return loss_fn
 
@@ -166,6 +191,15 @@ def make_outputs_loss_fn(config: ml_collections.ConfigDict, *, mesh: Mesh | None
   return outputs_loss_fn
 
 
+def _check_weights(config: ml_collections.ConfigDict, objectives: tuple[str, ...],
+                   what: str) -> None:
+  """Raises if a `loss.weights` entry outside `objectives` is non-zero."""
+  other = sorted(k for k, v in config.loss.weights.items() if k not in objectives and v)
+  if other:
+    raise ValueError(f'loss.weights {other} are not objectives of {what}; set them to 0. '
+                     f'Accepted: {", ".join(objectives)}.')
+
+
 # Fusion models: contrastive + image-text matching + masked language modelling.
 
 FUSION_OBJECTIVES = ('itc', 'itm', 'mlm')
@@ -175,10 +209,7 @@ def _check_fusion_config(model: nn.Module, config: ml_collections.ConfigDict,
                          axis_name: AxisName | None) -> dict[str, float]:
   """The objectives' weights; raises for options the fusion objective does not support."""
   weights = {k: float(config.loss.weights.get(k, 0.0)) for k in FUSION_OBJECTIVES}
-  unknown = set(config.loss.weights) - set(FUSION_OBJECTIVES)
-  if unknown:
-    raise ValueError(f'Unknown loss.weights keys {sorted(unknown)}; accepted: '
-                     f'{", ".join(FUSION_OBJECTIVES)}.')
+  _check_weights(config, FUSION_OBJECTIVES, 'fusion models')
   if axis_name is not None or config.loss.sharded or config.train.microbatches > 1:
     raise ValueError('Fusion models train with parallel.mode=jit, loss.sharded=False and '
                      'train.microbatches=1 (the ITM negatives need the whole batch).')
@@ -279,6 +310,71 @@ def make_fusion_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
     if weights['mlm']:
       loss, metrics = _mlm_terms(model, params, outputs, batch, mlm_rng, mlm_dropout, config)
       total, aux = total + weights['mlm'] * loss, {**aux, 'mlm': loss, **metrics}
+    return total, aux
+
+  return loss_fn
+
+
+# Captioners (CoCa): contrastive + captioning + VQA as a prefix LM.
+
+CAPTIONER_OBJECTIVES = ('itc', 'caption', 'vqa')
+
+
+def _check_captioner_config(config: ml_collections.ConfigDict, axis_name: AxisName | None
+                            ) -> dict[str, float]:
+  """The objectives' weights; raises for options the captioner objective does not support."""
+  weights = {k: float(config.loss.weights.get(k, 0.0)) for k in CAPTIONER_OBJECTIVES}
+  _check_weights(config, CAPTIONER_OBJECTIVES, 'captioners (CoCa)')
+  if axis_name is not None or config.loss.sharded or config.train.microbatches > 1:
+    raise ValueError('Captioners train with parallel.mode=jit, loss.sharded=False and '
+                     'train.microbatches=1.')
+  if weights['vqa'] and not config.data.vqa:
+    raise ValueError('loss.weights.vqa > 0 needs data.vqa=True (question-answer sequences in '
+                     'the batch).')
+  return weights
+
+
+def make_captioner_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
+                           mesh: Mesh | None = None, axis_name: AxisName | None = None
+                           ) -> LossFn:
+  """`loss_fn(params, batch, rng)` of a captioner: the weighted sum (`loss.weights`) of the
+  contrastive loss ('itc', `loss.name`), the next-token cross-entropy of the captions
+  ('caption', every token after BOS) and of the answers of `[BOS] question answer [EOS]`
+  sequences ('vqa', the answer and EOS only; batches from `data.vqa=True`), both with
+  `loss.label_smoothing`.
+
+  The aux dict holds each weighted term's unweighted value and the token accuracies
+  `caption_accuracy`, `vqa_accuracy`.
+  """
+  del mesh  # the dense loss under jit: XLA partitions it over the batch axes
+  weights = _check_captioner_config(config, axis_name)
+  name, smoothing = config.loss.name, float(config.loss.label_smoothing)
+
+  def next_token_loss(logits, ids, loss_mask):
+    targets, target_weights = captioning.next_token_targets(ids, loss_mask)
+    return captioning.caption_loss(logits, targets, target_weights, smoothing)
+
+  def loss_fn(params, batch, rng):
+    embed_rng, vqa_rng = jax.random.split(rng)
+    outputs = model.apply({'params': params}, batch['image'], batch['text_ids'],
+                          batch['text_mask'], deterministic=False, rngs={'dropout': embed_rng})
+    aux = {'logit_scale': outputs['logit_scale'], 'logit_bias': outputs['logit_bias']}
+    total = jnp.zeros((), jnp.float32)
+    if weights['itc']:
+      loss, metrics = contrastive_terms(name, outputs)
+      total, aux = total + weights['itc'] * loss, {**aux, 'itc': loss, **metrics}
+    if weights['caption']:
+      loss, metrics = next_token_loss(outputs['caption_logits'], batch['text_ids'],
+                                      batch['text_mask'])
+      total = total + weights['caption'] * loss
+      aux = {**aux, 'caption': loss, 'caption_accuracy': metrics['accuracy']}
+    if weights['vqa']:
+      logits = model.apply({'params': params}, outputs['context'], batch['vqa_ids'],
+                           deterministic=False, rngs={'dropout': vqa_rng},
+                           method=model.caption_logits)
+      loss, metrics = next_token_loss(logits, batch['vqa_ids'], batch['vqa_loss_mask'])
+      total = total + weights['vqa'] * loss
+      aux = {**aux, 'vqa': loss, 'vqa_accuracy': metrics['accuracy']}
     return total, aux
 
   return loss_fn

@@ -7,6 +7,7 @@ image_encoder and image_proj), and `optim.lr_multipliers` scale the updates (lea
 weight decay alike) of the first group a parameter matches. Frozen gradients are zeroed
 before clipping, so they do not count towards the clipped norm.
 """
+import math
 import re
 
 import jax
@@ -87,10 +88,24 @@ def param_labels(params, frozen: tuple[str, ...],
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int
+def count_params(params, frozen: tuple[str, ...] = ()) -> tuple[int, int]:
+  """(trainable, total) numbers of scalars in `params` (arrays or ShapeDtypeStructs); a leaf
+  whose path a `frozen` regex matches is not trainable."""
+  trainable = total = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    size = math.prod(leaf.shape)
+    total += size
+    if not any(re.match(p, path_name(path)) for p in frozen):
+      trainable += size
+  return trainable, total
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
+                   also_frozen: tuple[str, ...] = ()
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Gradient clipping, then AdamW (decoupled, masked weight decay) or SGD with momentum;
-  with `optim.frozen` / `optim.lr_multipliers`, per parameter group (see the module doc)."""
+  with `optim.frozen` / `optim.lr_multipliers`, per parameter group (see the module doc).
+  `also_frozen`: regexes frozen like `optim.frozen`'s (LoRA's: `lora.frozen_patterns`)."""
   schedule = make_schedule(optim, num_steps)
   if optim.name == 'adamw':
     opt = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
@@ -101,6 +116,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int
   else:
     raise ValueError(f'Unknown optim.name {optim.name!r}; accepted: {OPTIMIZERS}.')
   frozen, multipliers = _groups(optim)
+  frozen += tuple(also_frozen)
   clip = (optax.clip_by_global_norm(optim.grad_clip_norm)
           if optim.grad_clip_norm and optim.grad_clip_norm > 0 else None)
   if not frozen and not multipliers:

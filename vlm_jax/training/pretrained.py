@@ -43,7 +43,7 @@ def apply_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   if not path:
     return None
   try:
-    pre = workdir.read_config(path)
+    pre = workdir.merged_config(workdir.read_config(path))  # load_params merges LoRA
   except workdir.WorkdirError as e:
     raise PretrainedError(f'init.pretrained: {e}') from None
   for name in (pre.model.name, config.model.name):

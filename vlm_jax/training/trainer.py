@@ -2,7 +2,6 @@
 import functools
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from vlm_jax import models
 from vlm_jax.data import datasets
 from vlm_jax.data import pipeline
 from vlm_jax.eval import runner
+from vlm_jax.models import lora
 from vlm_jax.training import checkpointing
 from vlm_jax.training import distributed
 from vlm_jax.training import jit_driver
@@ -30,6 +30,9 @@ from vlm_jax.training import pmap_driver
 from vlm_jax.training import pretrained
 from vlm_jax.training import writers
 from vlm_jax.training.state import TrainState
+
+
+PARAMS_FILE = 'params.json'  # numbers of parameters: total, trainable, frozen
 
 
 def check_workdir(workdir: str) -> None:
@@ -87,7 +90,11 @@ class Setup:
     self.mode = config.parallel.mode
     self.rules = partitioning.rules(config.parallel)
     self.model = models.build_model(config.model, text_max_len=config.data.max_text_len)
-    self.tx, self.schedule = optimizer_lib.make_optimizer(config.optim, config.train.num_steps)
+    # LoRA freezes every base parameter outside model.lora.train_also, as optim.frozen does.
+    lora_frozen = lora.frozen_patterns(lora.spec_from_config(config.model.lora))
+    self.frozen = (*config.optim.frozen, *lora_frozen)
+    self.tx, self.schedule = optimizer_lib.make_optimizer(config.optim, config.train.num_steps,
+                                                          also_frozen=lora_frozen)
     self.replicated = NamedSharding(self.mesh, P())
     self._init_boxed = functools.partial(_init_boxed_params, self.model, dummy_batch(config))
     self.state_sharding = self._shard_state()
@@ -95,7 +102,8 @@ class Setup:
     self.abstract_state = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         jax.eval_shape(self._fresh_state, jax.random.key(0)), self.state_sharding)
-    self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract_state.params))
+    self.num_trainable, self.num_params = optimizer_lib.count_params(
+        self.abstract_state.params, self.frozen)
     if self.mode == 'pmap':
       self.driver = pmap_driver.PmapDriver(self.model, config, self.tx, self.schedule, self.mesh)
     else:
@@ -148,7 +156,10 @@ def _log_setup(config, setup: Setup, start_step: int) -> None:
                jax.default_backend(), jax.process_count(), jax.device_count(),
                ', '.join(sorted({d.device_kind for d in jax.devices()})))
   logging.info('Mesh %s', dict(setup.mesh.shape))
-  logging.info('Model %s: %s parameters', config.model.name, f'{setup.num_params:,}')
+  logging.info('Model %s: %s parameters, %s trainable (%.2f%%), %s frozen', config.model.name,
+               f'{setup.num_params:,}', f'{setup.num_trainable:,}',
+               100 * setup.num_trainable / max(setup.num_params, 1),
+               f'{setup.num_params - setup.num_trainable:,}')
   logging.info('Training %d steps at global batch %d, starting from step %d',
                config.train.num_steps, config.train.batch_size, start_step)
 
@@ -169,6 +180,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   if primary:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_utils.to_json(config))
+    with open(os.path.join(workdir, PARAMS_FILE), 'w') as f:
+      json.dump({'total': setup.num_params, 'trainable': setup.num_trainable,
+                 'frozen': setup.num_params - setup.num_trainable}, f, indent=2)
 
   rng = jax.random.key(config.seed)
   init_rng, dropout_rng = jax.random.split(rng)
