@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.models.dual_encoder import PROJ_INIT
+from vlm_jax.models.dual_encoder import PROJ_INIT, LearnedTemperature
 from vlm_jax.nn.attention import causal_mask, combine_masks, padding_mask
 from vlm_jax.nn.decoder import DecoderBlock
 from vlm_jax.nn.ops import l2_normalize
@@ -39,7 +39,7 @@ Dtype = Any
 Cache = dict[str, Any]
 
 
-class CoCa(nn.Module):
+class CoCa(LearnedTemperature, nn.Module):
   """Contrastive captioner (see the module docstring).
 
   Attributes:
@@ -104,10 +104,7 @@ class CoCa(nn.Module):
     if not self.tie_embeddings:
       self.lm_head = dense(self.vocab_size, ('embed', 'vocab'), jnp.float32, self.param_dtype,
                            'lm_head')
-    scalar = lambda value: partitioned(nn.initializers.constant(value), ())
-    self.t = self.param('t', scalar(self.temperature_init), (), self.param_dtype)
-    if self.learn_bias:
-      self.b = self.param('b', scalar(self.bias_init), (), self.param_dtype)
+    self.init_temperature()
 
   # Image side.
 
@@ -190,15 +187,6 @@ class CoCa(nn.Module):
   def logits(self, images: jax.Array, text_ids: jax.Array) -> jax.Array:
     """The uncached full-sequence reference: images, ids [B, L] -> [B, L, V] float32."""
     return self.caption_logits(self.image_features(images)[1], text_ids)
-
-  def logit_scale(self) -> jax.Array:
-    t = jnp.clip(self.t.astype(jnp.float32), self.temperature_min, self.temperature_max)
-    return jnp.exp(t)
-
-  def logit_bias(self) -> jax.Array:
-    if self.learn_bias:
-      return self.b.astype(jnp.float32)
-    return jnp.asarray(self.bias_init, jnp.float32)
 
   def __call__(self, images: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                deterministic: bool = True) -> dict[str, jax.Array]:

@@ -17,7 +17,31 @@ Dtype = Any
 PROJ_INIT = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
 
-class DualEncoder(nn.Module):
+class LearnedTemperature:
+  """Methods of a contrastive model (a flax Module with the fields temperature_init,
+  temperature_min, temperature_max, bias_init, learn_bias, param_dtype): the learnable
+  log-scale 't' and, with `learn_bias`, the bias 'b' (top-level parameters)."""
+
+  def init_temperature(self) -> None:
+    """Creates 't' (and 'b'); call from `setup`."""
+    scalar = lambda value: nn.with_logical_partitioning(nn.initializers.constant(value), ())
+    self.t = self.param('t', scalar(self.temperature_init), (), self.param_dtype)
+    if self.learn_bias:
+      self.b = self.param('b', scalar(self.bias_init), (), self.param_dtype)
+
+  def logit_scale(self) -> jax.Array:
+    """exp(clip(t, min, max)), a float32 scalar."""
+    t = jnp.clip(self.t.astype(jnp.float32), self.temperature_min, self.temperature_max)
+    return jnp.exp(t)
+
+  def logit_bias(self) -> jax.Array:
+    """The learned bias, or the constant `bias_init`; a float32 scalar."""
+    if self.learn_bias:
+      return self.b.astype(jnp.float32)
+    return jnp.asarray(self.bias_init, jnp.float32)
+
+
+class DualEncoder(LearnedTemperature, nn.Module):
   """Two towers, each `(inputs...) -> (pooled [B, D], tokens [B, N, D])`, and projections.
 
   Attributes:
@@ -58,11 +82,7 @@ class DualEncoder(nn.Module):
                        if self.image_projection else identity)
     self.text_proj = (self._proj(self.text_proj_bias, 'text_proj')
                       if self.text_projection else identity)
-    scalar = lambda value: nn.with_logical_partitioning(
-        nn.initializers.constant(value), ())
-    self.t = self.param('t', scalar(self.temperature_init), (), self.param_dtype)
-    if self.learn_bias:
-      self.b = self.param('b', scalar(self.bias_init), (), self.param_dtype)
+    self.init_temperature()
 
   def encode_image_tokens(self, images: jax.Array, deterministic: bool = True
                           ) -> tuple[jax.Array, jax.Array]:
@@ -84,17 +104,6 @@ class DualEncoder(nn.Module):
                   deterministic: bool = True) -> jax.Array:
     """ids [B, L] int32, mask [B, L] bool -> [B, E] float32, unit L2 norm."""
     return self.encode_text_tokens(text_ids, text_mask, deterministic)[0]
-
-  def logit_scale(self) -> jax.Array:
-    """exp(clip(t, min, max)), a float32 scalar."""
-    t = jnp.clip(self.t.astype(jnp.float32), self.temperature_min, self.temperature_max)
-    return jnp.exp(t)
-
-  def logit_bias(self) -> jax.Array:
-    """The learned bias, or the constant `bias_init`; a float32 scalar."""
-    if self.learn_bias:
-      return self.b.astype(jnp.float32)
-    return jnp.asarray(self.bias_init, jnp.float32)
 
   def __call__(self, images: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                deterministic: bool = True) -> dict[str, jax.Array]:
