@@ -101,6 +101,18 @@ def test_methods_and_isinstance_dispatch_see_the_merged_kernels():
                                 forward(base, merged, base.encode_image, IMAGES))
 
 
+def test_unwrap_gives_the_base_model_and_merged_params():
+  """What decoding loops run: the base class on merged kernels, the same outputs."""
+  model, params = built('dual_encoder', rank=4, targets=ATTN_MLP)
+  params = perturbed(params)
+  base, merged = lora.unwrap(model, params)
+  assert type(base) is DualEncoder and 'lora' not in merged
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+               forward(base, merged), forward(model, params))
+  same_model, same_params = lora.unwrap(base, merged)
+  assert same_model is base and same_params is merged
+
+
 def _by_hand(w, a, b, scale, in_axes):
   """W + scale A B in NumPy, on the kernel viewed as [fan_in, fan_out] (no batch axes)."""
   fan_in = int(np.prod([w.shape[i] for i in in_axes]))

@@ -16,6 +16,7 @@ import numpy as np
 
 from vlm_jax.data import vqa
 from vlm_jax.inference import decoding
+from vlm_jax.models import lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ def _decode(model: nn.Module, options: DecodeOptions, max_len: int, eos_id: int,
             params: Any, images: jax.Array, prompt: jax.Array, prompt_len: jax.Array,
             rng: jax.Array) -> jax.Array:
   """Tokens [B, max_len] (prompt included) of the images [B, H, W, 3]."""
+  model, params = lora.unwrap(model, params)  # LoRA factors merged once, not at every step
   variables = {'params': params}
   cache = model.apply(variables, images, max_len, method=model.init_cache)
   step = lambda c, t: model.apply(variables, c, t, method=model.decode_step)

@@ -259,3 +259,17 @@ def wrap(model: nn.Module, spec: LoraSpec | None) -> nn.Module:
   fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
             if f.init and f.name not in ('parent', 'name')}
   return _lora_class(type(model))(**fields, lora_spec=spec)
+
+
+def unwrap(model: nn.Module, params: Mapping) -> tuple[nn.Module, Mapping]:
+  """(the base model, its merged parameters) of a wrapped model; `model` and `params`
+  unchanged otherwise. For loops that apply the model many times (decoding): the factors
+  are then merged once, not at every call."""
+  spec = getattr(model, 'lora_spec', None)
+  if spec is None:
+    return model, params
+  mro = type(model).__mro__
+  base = mro[mro.index(_LoraMethods) + 1]
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(base)
+            if f.init and f.name not in ('parent', 'name')}
+  return base(**fields), merge(params, spec.scale)
