@@ -14,6 +14,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
   return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def format_mean_std(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+  """'mean ± std' of `mean_std(values)` times `scale`, or '—' when no value is there."""
+  mean, std = mean_std(values)
+  return '—' if math.isnan(mean) else f'{scale * mean:.{digits}f} ± {scale * std:.{digits}f}'
+
+
 def step_time_ms(workdir: str) -> float:
   """Median train step time from metrics.jsonl, the first (compiling) window left out."""
   rates = []

@@ -2,6 +2,7 @@
 import importlib.util
 import logging
 import os
+import re
 import sys
 from typing import Callable
 
@@ -14,6 +15,15 @@ from vlm_jax import config_utils
 
 class UserError(Exception):
   """An error caused by the user's input; printed as one line, without a traceback."""
+
+
+# A ValueError raised by code in these folders is a check of the user's input (a config
+# value, a file, a flag) with a message written to be read: printed as one line like a
+# UserError. Raised anywhere else (JAX, NumPy) it is a bug, shown with its traceback.
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_OWN_CODE = (_PACKAGE + os.sep, os.path.join(os.path.dirname(_PACKAGE), 'experiments') + os.sep)
+TRACEBACK_ENV = 'VLM_JAX_TRACEBACK'  # set to 1 for the traceback of every error
+_FLAG_VALUE = re.compile(r'flag --config\.([\w.]+)=(.*?): (.*)', re.S)
 
 
 def define_config_flag():
@@ -33,7 +43,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(str(e))
+    message = str(e)
+    value_error = _FLAG_VALUE.match(message)
+    if value_error:
+      _fail(_explain_value_error(argv, *value_error.groups()))
+    if message.startswith('flag --config=') and '\n' in message:  # with a traceback
+      _fail(_explain_config_error(argv, e))
+    _fail(one_line(message))
   except (AttributeError, KeyError, TypeError, ValueError, OSError) as e:
     # ml_collections raises these for unknown keys and mistyped values.
     _fail(_explain_config_error(argv, e))
@@ -49,10 +65,31 @@ def _load_config_file(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
+def one_line(message: str) -> str:
+  return ' '.join(message.split())
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  return next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+
+
+def _explain_value_error(argv: list[str], key: str, text: str, reason: str) -> str:
+  """`--config.KEY=TEXT` that does not parse as the key's type: names the type."""
+  if reason.startswith("('Non-boolean argument"):
+    reason = 'expected true or false'
+  try:
+    value = _load_config_file(_config_spec(argv))
+    for part in key.split('.'):
+      value = value[part]
+  except Exception:  # pylint: disable=broad-except
+    return one_line(f'Bad value {text!r} for config key "{key}": {reason}')
+  return one_line(config_utils.bad_value(key, text, value, reason))
+
+
 def _explain_config_error(argv: list[str], error: Exception) -> str:
-  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  spec = _config_spec(argv)
   if spec is None:
-    return str(error).replace('\n', ' ')
+    return one_line(str(error))
   path = spec.partition(':')[0]
   if not os.path.exists(path):
     return f'config file {path!r} does not exist (expected configs/NAME.py[:VARIANT]).'
@@ -62,13 +99,15 @@ def _explain_config_error(argv: list[str], error: Exception) -> str:
     if 'get_config' in str(e):
       return f'config file {path!r} has no get_config() function.'
     return f'loading config {spec!r} failed: {e}'
+  except ValueError as e:  # the config's own check, e.g. an unknown variant
+    return one_line(f'config {spec!r}: {e}')
   except Exception as e:  # pylint: disable=broad-except
-    return f'loading config {spec!r} failed: {type(e).__name__}: {e}'
+    return one_line(f'loading config {spec!r} failed: {type(e).__name__}: {e}')
   try:
     config_utils.check_overrides(config, argv)
   except ValueError as e:
     return str(e)
-  return f'bad config value: {error}'.replace('\n', ' ')
+  return one_line(f'bad config value: {error}')
 
 
 _CHATTY_LIBRARIES = ('/orbax/', '/tensorboardX/', '/tensorflow_datasets/', '/grain/')
@@ -95,9 +134,24 @@ def run(main: Callable[[list[str]], None]) -> None:
     try:
       main(argv)
     except UserError as e:
-      logging.error('%s', e)
-      _fail(str(e))
+      if os.environ.get(TRACEBACK_ENV) == '1':
+        raise
+      _fail(one_line(str(e)))
+    except ValueError as e:
+      if os.environ.get(TRACEBACK_ENV) == '1' or not raised_by_own_code(e):
+        raise
+      _fail(one_line(str(e)))
   app.run(wrapped, flags_parser=_parse_flags)
+
+
+def raised_by_own_code(error: BaseException) -> bool:
+  """Whether `error` was raised in this package or experiments/ (see _OWN_CODE)."""
+  tb = error.__traceback__
+  if tb is None:
+    return False
+  while tb.tb_next is not None:
+    tb = tb.tb_next
+  return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_OWN_CODE)
 
 
 def load_config(flag, argv_all: list[str]):
@@ -107,6 +161,7 @@ def load_config(flag, argv_all: list[str]):
     if config is None:
       raise UserError('--config is required, e.g. --config=configs/clip_shapes.py')
     config_utils.check_overrides(config, argv_all)
+    config_utils.check_values(config)
   except UserError:
     raise
   except ValueError as e:

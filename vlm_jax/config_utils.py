@@ -42,6 +42,69 @@ def check_overrides(config: ml_collections.ConfigDict, argv: list[str], flag: st
                      f'Valid top-level groups: {", ".join(sorted(config.keys()))}.')
 
 
+def bad_value(key: str, text: str, current: Any, reason: str) -> str:
+  """The message for `text` that does not parse as config key `key` (now `current`)."""
+  return (f'Bad value {text!r} for config key "{key}" (type {type(current).__name__}, '
+          f'default {current!r}): {reason}')
+
+
+def _choices(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
+  """Dotted key -> the values it accepts, from the registries that use them."""
+  # pylint: disable=g-import-not-at-top
+  from vlm_jax import fusion, losses, models
+  from vlm_jax.data import datasets, image_convert, image_text_folder
+  from vlm_jax.encoders import text, vit
+  from vlm_jax.models import blip2, fusion_encoder
+  from vlm_jax.nn.transformer import REMAT_CHOICES
+  from vlm_jax.training import nonfinite, objectives, optimizer, partitioning
+  # pylint: enable=g-import-not-at-top
+  choices = {
+      'data.name': (*datasets.BUILDERS, image_text_folder.NAME),
+      'data.resize': image_convert.RESIZE_MODES,
+      'data.encoding': image_text_folder.ENCODINGS,
+      'model.name': tuple(models.MODELS),
+      'model.dtype': models.DTYPES,
+      'model.param_dtype': models.DTYPES,
+      'model.remat': REMAT_CHOICES,
+      'model.image.name': tuple(models.IMAGE_TOWERS),
+      'model.text.name': tuple(models.TEXT_TOWERS),
+      'model.text.pool': text.POOLS,
+      'model.fusion.name': ('', *sorted(fusion.FUSION_LAYERS)),
+      'model.fusion.pool': fusion_encoder.POOLS,
+      'model.blip2.adapter': blip2.ADAPTERS,
+      'loss.name': losses.available_losses(),
+      'loss.positives': objectives.POSITIVES,
+      'optim.name': optimizer.OPTIMIZERS,
+      'optim.schedule': optimizer.SCHEDULES,
+      'parallel.mode': partitioning.MODES,
+      'train.nonfinite': nonfinite.MODES,
+  }
+  if config.model.image.name == 'vit':
+    choices.update({'model.image.pool': vit.POOLS, 'model.image.posemb': vit.POSEMBS})
+  return choices
+
+
+# Integer keys and their smallest sensible value.
+_MINIMUMS = {'data.image_size': 1, 'data.max_text_len': 2, 'train.batch_size': 1,
+             'train.num_steps': 0, 'train.microbatches': 1, 'train.log_every_steps': 1,
+             'eval.batch_size': 1, 'checkpoint.keep': 1, 'checkpoint.every_steps': 0}
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key and what it accepts for a value no component takes
+  (a misspelt loss, fusion layer, model, ...) or a size out of range, so that the mistake
+  costs a line at start-up, not a dataset build and a compilation."""
+  values = dict(flatten(config))
+  for key, accepted in _choices(config).items():
+    if key in values and values[key] not in accepted:
+      raise ValueError(f'Config value {key}={values[key]!r} is not accepted; accepted: '
+                       f'{", ".join(repr(a) for a in accepted)}.')
+  for key, minimum in _MINIMUMS.items():
+    if key in values and values[key] < minimum:
+      raise ValueError(f'Config value {key}={values[key]!r} is out of range: it must be an '
+                       f'integer >= {minimum}.')
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
   """The resolved config as indented JSON (tuples become lists)."""
   return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -11,7 +11,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = dict(
-      name='shapes',
+      name='shapes',            # 'shapes' | 'image_text_folder' (your own data, data.path)
       builder_config='32px',    # shapes: '32px' | '64px' | '224px' (+ '_small' for tests)
       data_dir='',              # '' = tensorflow-datasets' usual directory
       tokenizer='',             # path to a tokenizer.json; '' = the dataset's own
@@ -26,6 +26,19 @@ def base_config() -> ml_collections.ConfigDict:
                                 # vqa_ids, vqa_mask, vqa_loss_mask; see data/pipeline.py)
       num_threads=2,
       prefetch=4,
+      # image_text_folder (vlm_jax/data/image_text_folder.py): `path` is a folder with
+      # captions.csv or captions.jsonl (columns image, caption, optional label, split), or
+      # WebDataset shards (a folder of *.tar, one .tar, or 'dir/{00000..00009}.tar'). Images
+      # without a split value go to test and validation by these fractions (a seeded hash of
+      # their path), the rest to train. resize: 'crop' (shorter side to image_size, centre
+      # square) | 'squash' (both sides). encoding: how the build stores images, 'png' (exact)
+      # | 'jpeg' (quality 95, smaller for photos).
+      path='',
+      val_fraction=0.1,
+      test_fraction=0.1,
+      split_seed=0,
+      resize='crop',
+      encoding='png',
   )
 
   c.model = dict(
@@ -81,6 +94,12 @@ def base_config() -> ml_collections.ConfigDict:
       # cross-attention to `num_queries` attention-pooled image tokens; tie_embeddings: the
       # LM head is the transposed token embedding.
       decoder=dict(unimodal_depth=2, multimodal_depth=2, num_queries=16, tie_embeddings=False),
+      # BLIP-2 (vlm_jax/models/blip2*.py): 'blip2_qformer' (stage 1) is the image tower and the
+      # Q-Former of `fusion` (name 'qformer', width > 0), its text side of `text`'s vocabulary;
+      # 'blip2' (stage 2) adds a decoder-only LM of `text` (as model 'causal_lm': width,
+      # depth, heads, MLP; decoder.tie_embeddings) that reads the Q-Former's query outputs
+      # through `adapter` ('linear' | 'mlp') as a soft prefix.
+      blip2=dict(adapter='linear'),
       temperature=dict(init=2.6592600369644165,  # ln(1 / 0.07)
                        min=0.0, max=4.605170185988092,  # ln(100)
                        bias_init=0.0, learn_bias=False),
@@ -158,6 +177,11 @@ def base_config() -> ml_collections.ConfigDict:
       # batch, all negatives kept; less activation memory, one extra forward pass). The
       # per-device batch must be divisible by it. See vlm_jax/training/accumulation.py.
       microbatches=1,
+      # A step whose loss or gradients are NaN or Inf is never applied (vlm_jax/training/
+      # nonfinite.py). 'skip': count it (train/skipped_steps) and go on, but stop after
+      # `max_consecutive_skips` in a row (0 = never); 'stop': stop, naming the first such step.
+      nonfinite='skip',
+      max_consecutive_skips=10,
   )
 
   c.eval = dict(
@@ -186,5 +210,8 @@ def base_config() -> ml_collections.ConfigDict:
   # when given. include: regexes matched (re.match) against '/'-joined parameter paths
   # ('image' = image_encoder/... and image_proj/...); () = all parameters. The model config
   # of what is loaded (towers, data.mean/std, tokenizer) comes from the pretrained workdir.
-  c.init = dict(pretrained='', include=())
+  # lm: a 'causal_lm' workdir (BLIP-2 stage 2): all its parameters become the 'lm/' subtree,
+  # and model.text and the tokenizer are taken from it; loaded with `pretrained` (the image
+  # tower and Q-Former of a 'blip2_qformer' workdir), which it therefore needs.
+  c.init = dict(pretrained='', include=(), lm='')
   return c

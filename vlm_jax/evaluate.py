@@ -39,18 +39,20 @@ def evaluate_workdir(config, workdir: str | None) -> dict:
   tokenizer = datasets.load_tokenizer(config.data)
   trainer.resolve_config(config, tokenizer)
   checkpointer = checkpointing.Checkpointer(workdir, config) if workdir else None
-  step = checkpointer.latest_step() if checkpointer else None
-  if step is None and not config.init.pretrained:
-    raise cli.UserError(f'No checkpoint in {checkpointer.directory}; train first with '
-                        f'python -m vlm_jax.train --workdir={workdir}, or evaluate pretrained '
-                        'parameters with --config.init.pretrained=WORKDIR')
-  setup = trainer.Setup(config)
-  if step is not None:
-    state, _ = checkpointer.restore(step, setup.abstract_state)
-  else:
-    state, step = pretrained.load_into_state(config, setup.init_state(jax.random.key(0))), 0
-  if checkpointer:
-    checkpointer.close()
+  try:  # closed on errors too: an open one fails noisily at interpreter exit
+    step = checkpointer.latest_step() if checkpointer else None
+    if step is None and not config.init.pretrained:
+      raise cli.UserError(f'No checkpoint in {checkpointer.directory}; train first with '
+                          f'python -m vlm_jax.train --workdir={workdir}, or evaluate pretrained '
+                          'parameters with --config.init.pretrained=WORKDIR')
+    setup = trainer.Setup(config)
+    if step is not None:
+      state, _ = checkpointer.restore(step, setup.abstract_state)
+    else:
+      state, step = pretrained.load_into_state(config, setup.init_state(jax.random.key(0))), 0
+  finally:
+    if checkpointer:
+      checkpointer.close()
   results = runner.evaluate(config, setup.model, state.params, tokenizer)
   if workdir and jax.process_index() == 0:
     writer = writers.MetricWriter(workdir)

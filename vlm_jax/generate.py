@@ -22,8 +22,8 @@ from vlm_jax import cli
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Workdir of a captioner training run (with '
                                'config.json and checkpoints/).')
 _IMAGE = flags.DEFINE_string('image', None, 'Image file to caption (any format PIL reads).')
-_QUESTION = flags.DEFINE_string('question', '', 'A question about the image; empty = caption '
-                                'the image.')
+_QUESTION = flags.DEFINE_string('question', '', 'A question about the image; empty (or only '
+                                'spaces) = caption the image.')
 _BEAMS = flags.DEFINE_integer('beams', 1, 'Beam search with this many beams; 1 = greedy.',
                               lower_bound=1)
 _LENGTH_PENALTY = flags.DEFINE_float('length_penalty', 1.0, 'Beam search: scores are summed '
@@ -39,21 +39,16 @@ _MAX_LEN = flags.DEFINE_integer('max_len', 0, 'Longest sequence (prompt included
                                 "model's text positions.", lower_bound=0)
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
-CAPTIONERS = ('coca',)  # model names whose models generate text
+CAPTIONERS = ('coca', 'blip2', 'causal_lm')  # model names whose models generate text
 
 
 def load_image(path: str, size: int):
   """uint8 [size, size, 3] RGB pixels of the image file at `path`, resized (bicubic)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  from vlm_jax.inference import generation  # pylint: disable=g-import-not-at-top
   try:
-    with Image.open(path) as img:
-      img = img.convert('RGB')
-      if img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-      return np.asarray(img, np.uint8)
-  except (OSError, UnidentifiedImageError) as e:
-    raise cli.UserError(f'Cannot read image {path!r}: {e}') from None
+    return generation.load_image(path, size)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
 
 
 def read_captioner_config(workdir: str):
@@ -122,8 +117,8 @@ def main(argv: list[str]) -> None:
     generator = generation.Generator(
         model, params, tokenizer, _MAX_LEN.value or generation.generation_max_len(config),
         batch_size=1, parallel_cfg=config.parallel, options=options)
-    if _QUESTION.value:
-      text, = generator.answers(images, [_QUESTION.value])
+    if _QUESTION.value.strip():
+      text, = generator.answers(images, [_QUESTION.value.strip()])
     else:
       text, = generator.captions(images)
   except ValueError as e:

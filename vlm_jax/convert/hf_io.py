@@ -21,8 +21,13 @@ _DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16,
 
 
 def read_json(path: str) -> dict:
+  """The JSON object of `path`; a ValueError naming the file if it is not valid JSON."""
   with open(path) as f:
-    return json.load(f)
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path} is not valid JSON ({e.msg} at line {e.lineno}, column '
+                       f'{e.colno}).') from None
 
 
 def write_json(path: str, value: Any) -> None:
@@ -31,12 +36,29 @@ def write_json(path: str, value: Any) -> None:
     f.write('\n')
 
 
+def _safetensors_header(path: str) -> tuple[dict, int, int]:
+  """(header, offset of the data, size of the data) of a .safetensors file; a ValueError naming the file
+  for anything that is not a complete one (truncated, another format)."""
+  size = os.path.getsize(path)
+  with open(path, 'rb') as f:
+    head = f.read(8)
+    header_len = struct.unpack('<Q', head)[0] if len(head) == 8 else -1
+    if not 0 < header_len <= size - 8:
+      raise ValueError(f'{path} is not a safetensors file (its {size} bytes do not start with '
+                       'a header length that fits); re-save it with save_pretrained.')
+    try:
+      header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      header = None
+  if not isinstance(header, dict):
+    raise ValueError(f'{path} is not a safetensors file (its header is not a JSON object).')
+  return header, 8 + header_len, size - 8 - header_len
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """name -> array (read-only views of a memory map) of one .safetensors file."""
-  with open(path, 'rb') as f:
-    (header_len,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(header_len))
-  data = np.memmap(path, np.uint8, mode='r', offset=8 + header_len)
+  header, offset, data_size = _safetensors_header(path)
+  data = np.memmap(path, np.uint8, mode='r', offset=offset)
   tensors = {}
   for name, info in header.items():
     if name == '__metadata__':
@@ -44,7 +66,11 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     if info['dtype'] not in _DTYPES:
       raise ValueError(f'{path}: tensor {name} has dtype {info["dtype"]}, which is not read.')
     begin, end = info['data_offsets']
-    tensors[name] = data[begin:end].view(_DTYPES[info['dtype']]).reshape(info['shape'])
+    dtype = np.dtype(_DTYPES[info['dtype']])
+    if end > data_size or end - begin != dtype.itemsize * int(np.prod(info['shape'])):
+      raise ValueError(f'{path} is truncated or damaged: tensor {name} {info["shape"]} needs '
+                       f'bytes [{begin}, {end}) of {data_size}; download or save it again.')
+    tensors[name] = data[begin:end].view(dtype).reshape(info['shape'])
   return tensors
 
 

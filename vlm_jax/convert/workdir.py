@@ -68,7 +68,14 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise WorkdirError(f'No config.json in {workdir!r}: expected a workdir written by '
                        'python -m vlm_jax.convert or by a training run.')
   with open(path) as f:
-    return config_from_json(json.load(f), path)
+    try:
+      values = json.load(f)
+    except json.JSONDecodeError as e:
+      raise WorkdirError(f'{path} is not valid JSON ({e.msg} at line {e.lineno}); it is '
+                         'written by the run or conversion that made the workdir.') from None
+  if not isinstance(values, dict):
+    raise WorkdirError(f'{path} holds {type(values).__name__}, not a config object.')
+  return config_from_json(values, path)
 
 
 def save(workdir: str, config: ml_collections.ConfigDict, params: Any,

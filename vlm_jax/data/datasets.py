@@ -3,6 +3,8 @@
 Every function takes the `data` group of a config (see `vlm_jax.defaults`): `name`,
 `builder_config`, `data_dir` ('' = tensorflow-datasets' default) and `tokenizer` ('' = the
 dataset's own `tokenizer.json`, trained on its train texts when the dataset is built).
+`image_text_folder` (your own data, `vlm_jax.data.image_text_folder`) takes `path` and its
+build settings instead of `builder_config`.
 """
 import os
 import tempfile
@@ -11,6 +13,7 @@ from typing import Any, Sequence
 import ml_collections
 import tensorflow_datasets as tfds
 
+from vlm_jax.data import image_text_folder
 from vlm_jax.data import records
 from vlm_jax.data import shapes
 from vlm_jax.data import tokenizer as tokenizer_lib
@@ -21,9 +24,11 @@ TOKENIZER_FILE = 'tokenizer.json'
 
 def get_builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The (not necessarily built) tfds builder of `data_cfg.name` / `data_cfg.builder_config`."""
+  if data_cfg.name == image_text_folder.NAME:
+    return image_text_folder.make_builder(data_cfg)
   if data_cfg.name not in BUILDERS:
     raise ValueError(f'Unknown dataset {data_cfg.name!r} (data.name); accepted: '
-                     f'{sorted(BUILDERS)}.')
+                     f'{sorted(BUILDERS)} or {image_text_folder.NAME!r} (with data.path).')
   cls = BUILDERS[data_cfg.name]
   configs = cls.builder_configs
   if data_cfg.builder_config not in configs:
@@ -60,7 +65,8 @@ def _train_texts(builder: tfds.core.DatasetBuilder) -> list[str]:
     for record in source.__getitems__(range(start, min(start + 1024, len(source)))):
       features = records.parse(record)
       for key in ('captions', 'questions', 'answers'):
-        texts.extend(records.texts(features, key))
+        if key in features:  # image_text_folder has captions only
+          texts.extend(records.texts(features, key))
   return texts + list(builder.info.features['label'].names)
 
 
@@ -80,6 +86,13 @@ def ensure_built(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetInfo:
   tokenizer_lib.train_tokenizer(_train_texts(builder), tokenizer_file + '.tmp')
   os.replace(tokenizer_file + '.tmp', tokenizer_file)  # atomic: never a half-written file
   return builder.info
+
+
+def built_source(data_cfg: ml_collections.ConfigDict, split: str, *,
+                 raw: bool = False) -> Sequence[Any]:
+  """`data_source` of `split` after `ensure_built` (which builds the dataset on first use)."""
+  ensure_built(data_cfg)
+  return data_source(data_cfg, split, raw=raw)
 
 
 def tokenizer_path(data_cfg: ml_collections.ConfigDict) -> str:

@@ -13,6 +13,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from vlm_jax.data import caption_lengths
 from vlm_jax.data import datasets
 from vlm_jax.data import records
 from vlm_jax.data import shapes_text
@@ -145,6 +146,8 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
   source = datasets.data_source(data_cfg, data_cfg.train_split, raw=True)
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
     raise ValueError(f'Split {data_cfg.train_split!r} is empty.')
+  if process_index == 0:
+    caption_lengths.warn_truncated(source, tokenizer, data_cfg.max_text_len)
   seed = int(seed) % 2**32
   # grain reshuffles epoch e with seed + e: hash the seed so that runs with seeds s and s + 1
   # do not share their epoch orders.
@@ -185,7 +188,8 @@ def eval_examples(data_cfg: ml_collections.ConfigDict, split: str,
     `image` float32 [N, S, S, 3] (normalised), `label` int32 [N], `num_objects` int32 [N],
     `captions`, `questions`, `answers` (list of N lists of str), `hard_negative` (list of N
     str, '' for one-object scenes), `objects` (list of N lists of dicts with keys shape,
-    color, size, x, y).
+    color, size, x, y). Datasets without scenes (image_text_folder) give 1 object, no
+    questions, answers, objects or hard negatives, and label -1 for unlabelled images.
   """
   datasets.image_size(data_cfg)
   source = datasets.data_source(data_cfg, split)
@@ -193,7 +197,7 @@ def eval_examples(data_cfg: ml_collections.ConfigDict, split: str,
   examples = [source[i] for i in range(n)]
   objects = []
   for ex in examples:
-    obj = ex['objects']
+    obj = ex.get('objects', {k: () for k in ('shape', 'color', 'size', 'x', 'y')})
     objects.append([{'shape': s.decode(), 'color': c.decode(), 'size': z.decode(),
                      'x': float(x), 'y': float(y)}
                     for s, c, z, x, y in zip(obj['shape'], obj['color'], obj['size'],
@@ -203,10 +207,10 @@ def eval_examples(data_cfg: ml_collections.ConfigDict, split: str,
   return {
       'image': normalize_images(images, data_cfg),
       'label': np.asarray([ex['label'] for ex in examples], np.int32),
-      'num_objects': np.asarray([ex['num_objects'] for ex in examples], np.int32),
+      'num_objects': np.asarray([ex.get('num_objects', 1) for ex in examples], np.int32),
       'captions': [_texts(ex['captions']) for ex in examples],
-      'questions': [_texts(ex['questions']) for ex in examples],
-      'answers': [_texts(ex['answers']) for ex in examples],
-      'hard_negative': [ex['hard_negative'].decode('utf-8') for ex in examples],
+      'questions': [_texts(ex.get('questions', ())) for ex in examples],
+      'answers': [_texts(ex.get('answers', ())) for ex in examples],
+      'hard_negative': [ex.get('hard_negative', b'').decode('utf-8') for ex in examples],
       'objects': objects,
   }

@@ -137,8 +137,7 @@ class Tokenizer:
       raise TypeError(f'encode_batch takes a sequence of strings, not one string: {texts!r}.')
     if max_len < 2:
       raise ValueError(f'max_len must be at least 2 (room for BOS and EOS), got {max_len}.')
-    texts = [t.lower() for t in texts] if self.lowercase else list(texts)
-    encodings = self._tok.encode_batch(texts, add_special_tokens=False)
+    encodings = self._encode(texts)
     ids = np.full((len(texts), max_len), self.pad_id, np.int32)
     mask = np.zeros((len(texts), max_len), np.bool_)
     bos = [] if self.bos_id is None else [self.bos_id]
@@ -147,6 +146,16 @@ class Tokenizer:
       ids[row, :len(tokens)] = tokens
       mask[row, :len(tokens)] = True
     return ids, mask
+
+  def _encode(self, texts: Sequence[str]) -> list[tokenizers.Encoding]:
+    texts = [t.lower() for t in texts] if self.lowercase else list(texts)
+    return self._tok.encode_batch(texts, add_special_tokens=False)
+
+  def row_lengths(self, texts: Sequence[str]) -> np.ndarray:
+    """int [B]: the row length each text needs untruncated, BOS (if any) and EOS included;
+    `encode_batch(texts, L)` cuts the texts whose length exceeds L."""
+    extra = 1 if self.bos_id is None else 2
+    return np.asarray([len(e.ids) + extra for e in self._encode(texts)], np.int64)
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of one row of ids: stops at the first EOS, drops special tokens."""

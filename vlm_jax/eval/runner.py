@@ -136,16 +136,19 @@ class Embedder:
     return batched(fn, self.batch_size, image_tokens, text_tokens, text_mask)
 
 
-def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder, split: str,
+def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder | None, split: str,
                    class_names: list[str], generator: Any = None) -> dict[str, float]:
   """Zero-shot classification (single-object images) and retrieval on one split; with a
-  captioner's `generator` (`vlm_jax.inference.generation.Generator`), captioning and VQA."""
+  captioner's `generator` (`vlm_jax.inference.generation.Generator`), captioning and VQA.
+  `embedder` is None for models without contrastive embeddings (zero-shot, retrieval and
+  matching are then off)."""
   examples = pipeline.eval_examples(config.data, split, config.eval.max_examples)
-  image_emb = embedder.images(examples['image'])
+  image_emb = None if embedder is None else embedder.images(examples['image'])
   metrics: dict[str, float] = {}
   text_emb = None  # of all captions, shared by retrieval and ITM re-ranking
-  if config.eval.zeroshot:
-    single = np.asarray(examples['num_objects']) == 1
+  if config.eval.zeroshot and class_names:
+    # Images whose label names their only object (shapes); labelled images (image_text_folder).
+    single = (np.asarray(examples['num_objects']) == 1) & (np.asarray(examples['label']) >= 0)
     if single.any():
       class_emb = zeroshot.class_text_embeddings(
           embedder.token_ids, embedder.tokenize, class_names, config.eval.prompt_templates)
@@ -220,9 +223,19 @@ def _matching_metrics(config: ml_collections.ConfigDict, embedder: Embedder, exa
 def evaluate(config: ml_collections.ConfigDict, model: nn.Module, params: Any,
              tokenizer) -> dict[str, float]:
   """All evaluators of `config.eval` on every split of `config.eval.splits`."""
-  embedder = Embedder(model, params, tokenizer, config.data.max_text_len, config.eval.batch_size,
-                      config.parallel)
+  embedder = None
+  if hasattr(model, 'encode_image'):
+    embedder = Embedder(model, params, tokenizer, config.data.max_text_len,
+                        config.eval.batch_size, config.parallel)
+  else:
+    asked = [k for k in ('zeroshot', 'retrieval', 'matching') if config.eval[k]]
+    if asked:
+      raise ValueError(f'{type(model).__name__} has no contrastive embeddings for eval '
+                       f'{", ".join(asked)}: set eval.{asked[0]}=False.')
   class_names = datasets.class_names(config.data)
+  if config.eval.zeroshot and not class_names:
+    logging.info('Zero-shot evaluation skipped: dataset %s has no class labels (an '
+                 'image_text_folder gets them from a label column).', config.data.name)
   generator = None
   if generation.is_captioner(model) and (config.eval.captioning or config.eval.vqa):
     generator = generation.Generator(model, params, tokenizer,

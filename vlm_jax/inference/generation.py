@@ -4,6 +4,10 @@
 A caption is decoded from the prompt `[BOS]`; an answer from `[BOS] question`. The decoding
 rule is greedy by default, beam search with `beams` > 1, sampling with `temperature` > 0
 (see `vlm_jax.inference.decoding`).
+
+`load_image` / `image_pixels` turn an image file (or PIL image) of any size and mode into the
+model's uint8 input pixels, as `vlm_jax.data.image_convert` converts dataset images (shared by
+`vlm_jax.generate` and `vlm_jax.search`).
 """
 import dataclasses
 import functools
@@ -13,7 +17,9 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
+from vlm_jax.data import image_convert
 from vlm_jax.data import vqa
 from vlm_jax.inference import decoding
 from vlm_jax.models import lora
@@ -131,6 +137,25 @@ class Generator:
     # Prompts one token narrower than the decoded rows, so that every row can generate.
     prompt, prompt_len = vqa.question_prompts(self.tokenizer, questions, self.max_len - 1)
     return self._texts(self._tokens(images, prompt, prompt_len), prompt_len)
+
+
+def image_pixels(img: Image.Image, size: int, resize: str = 'squash') -> np.ndarray:
+  """uint8 [size, size, 3] RGB pixels of a PIL image of any mode (16-bit, alpha, palette...),
+  resized by `resize` ('squash' | 'crop', see `vlm_jax.data.image_convert`)."""
+  rgb = image_convert.to_rgb(img)
+  if rgb.size == (size, size):
+    return np.asarray(rgb, np.uint8)
+  return image_convert.resize(rgb, size, resize)
+
+
+def load_image(path: str, size: int, resize: str = 'squash') -> np.ndarray:
+  """uint8 [size, size, 3] RGB pixels of the image file at `path` (any format and mode PIL
+  reads), resized; a ValueError naming the file if it cannot be read."""
+  try:
+    with Image.open(path) as img:
+      return image_pixels(img, size, resize)
+  except (OSError, UnidentifiedImageError) as e:
+    raise ValueError(f'Cannot read image {path!r}: {e}') from None
 
 
 def generation_max_len(config: ml_collections.ConfigDict) -> int:

@@ -11,6 +11,9 @@ from vlm_jax.encoders import vit as vit_lib
 from vlm_jax.encoders.common import check_choice
 from vlm_jax.models import fusion_encoder as fusion_encoder_lib
 from vlm_jax.models import lora
+from vlm_jax.models.blip2 import Blip2
+from vlm_jax.models.blip2_qformer import Blip2QFormer, MaskedQFormer
+from vlm_jax.models.causal_lm import CausalLM
 from vlm_jax.models.coca import CoCa
 from vlm_jax.models.dual_encoder import DualEncoder
 from vlm_jax.models.fusion_encoder import FusionEncoder
@@ -188,6 +191,64 @@ def build_coca(model_cfg: ml_collections.ConfigDict, *, text_max_len: int) -> Co
       param_dtype=_dtype(model_cfg.param_dtype, 'model.param_dtype'))
 
 
+def build_causal_lm(model_cfg: ml_collections.ConfigDict, *, text_max_len: int) -> CausalLM:
+  """A decoder-only LM of `model_cfg.text`'s width, depth, heads, MLP, vocabulary, positions,
+  dropout and ln_eps (`causal` and `pool` are not used); `decoder.tie_embeddings`: the LM head
+  is the transposed token embedding."""
+  t = model_cfg.text
+  if t.vocab_size <= 0:
+    raise ValueError('model.text.vocab_size is 0: set it, or let the trainer fill it from the '
+                     'tokenizer before building the model.')
+  return CausalLM(
+      vocab_size=t.vocab_size, max_len=t.max_len or text_max_len, width=t.width,
+      depth=t.depth, num_heads=t.num_heads, mlp_dim=t.mlp_dim,
+      tie_embeddings=model_cfg.decoder.tie_embeddings, activation=_activation(t),
+      dropout_rate=t.dropout, layer_norm_eps=t.ln_eps,
+      dtype=_dtype(model_cfg.dtype, 'model.dtype'),
+      param_dtype=_dtype(model_cfg.param_dtype, 'model.param_dtype'))
+
+
+def _blip2_qformer_layers(model_cfg: ml_collections.ConfigDict, **text) -> MaskedQFormer:
+  """The Q-Former of `model_cfg.fusion` (name 'qformer', an explicit width) for BLIP-2."""
+  from vlm_jax import fusion  # pylint: disable=g-import-not-at-top (fusion imports models)
+  f = model_cfg.fusion
+  check_choice('model.fusion.name', f.name, ('qformer',))
+  if f.width <= 0:
+    raise ValueError('BLIP-2 needs model.fusion.width > 0 (the Q-Former width D); it does '
+                     'not follow the text tower.')
+  return MaskedQFormer(num_queries=f.num_queries, every=f.every, **text,
+                       **fusion.fusion_kwargs(model_cfg))
+
+
+def build_blip2_qformer(model_cfg: ml_collections.ConfigDict, *, text_max_len: int
+                        ) -> Blip2QFormer:
+  """BLIP-2 stage 1: the image tower of `model_cfg.image` and the Q-Former of
+  `model_cfg.fusion`, its text side of `model_cfg.text`'s vocabulary and positions."""
+  t, temp = model_cfg.text, model_cfg.temperature
+  if t.vocab_size <= 0:
+    raise ValueError('model.text.vocab_size is 0: set it, or let the trainer fill it from the '
+                     'tokenizer before building the model.')
+  qformer = _blip2_qformer_layers(model_cfg, vocab_size=t.vocab_size,
+                                  max_len=t.max_len or text_max_len)
+  return Blip2QFormer(
+      image_encoder=build_image_tower(model_cfg), qformer=qformer,
+      embed_dim=model_cfg.embed_dim, temperature_init=temp.init, temperature_min=temp.min,
+      temperature_max=temp.max, bias_init=temp.bias_init, learn_bias=temp.learn_bias,
+      dtype=_dtype(model_cfg.dtype, 'model.dtype'),
+      param_dtype=_dtype(model_cfg.param_dtype, 'model.param_dtype'))
+
+
+def build_blip2(model_cfg: ml_collections.ConfigDict, *, text_max_len: int) -> Blip2:
+  """BLIP-2 stage 2: the image tower of `model_cfg.image`, the Q-Former of
+  `model_cfg.fusion` (queries only), the adapter `model_cfg.blip2.adapter` and the causal LM
+  of `model_cfg.text`."""
+  return Blip2(
+      image_encoder=build_image_tower(model_cfg), qformer=_blip2_qformer_layers(model_cfg),
+      lm=build_causal_lm(model_cfg, text_max_len=text_max_len),
+      adapter_type=model_cfg.blip2.adapter, dtype=_dtype(model_cfg.dtype, 'model.dtype'),
+      param_dtype=_dtype(model_cfg.param_dtype, 'model.param_dtype'))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'dual_encoder': build_dual_encoder,
     'fusion_encoder': build_fusion_encoder,
@@ -195,6 +256,9 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'masked_lm': build_masked_lm,
     'qformer': build_qformer,
     'coca': build_coca,
+    'causal_lm': build_causal_lm,
+    'blip2_qformer': build_blip2_qformer,
+    'blip2': build_blip2,
 }
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from vlm_jax.models.dual_encoder import PROJ_INIT, LearnedTemperature
 from vlm_jax.nn.attention import causal_mask, combine_masks, padding_mask
 from vlm_jax.nn.decoder import DecoderBlock
+from vlm_jax.nn.embeddings import text_embeddings
 from vlm_jax.nn.ops import l2_normalize
 from vlm_jax.nn.pooling import AttentionalPooler
 from vlm_jax.nn.transformer import dense, layer_norm
@@ -79,12 +80,8 @@ class CoCa(LearnedTemperature, nn.Module):
       raise ValueError(f'CoCa needs model.decoder.num_queries >= 1 and multimodal_depth >= 1, '
                        f'got {self.num_queries} and {self.multimodal_depth}.')
     partitioned = nn.with_logical_partitioning
-    self.token_embed = nn.Embed(
-        self.vocab_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype,
-        embedding_init=partitioned(nn.initializers.normal(0.02), ('vocab', 'embed')))
-    self.pos_embed = self.param('pos_embed', partitioned(nn.initializers.normal(0.01),
-                                                         (None, 'embed')),
-                                (self.max_len, self.width), self.param_dtype)
+    self.token_embed, self.pos_embed = text_embeddings(
+        self, self.vocab_size, self.width, self.max_len, self.dtype, self.param_dtype)
     self.cls_token = self.param('cls_token', partitioned(nn.initializers.normal(0.02),
                                                          ('embed',)),
                                 (self.width,), self.param_dtype)

@@ -1,6 +1,23 @@
-"""Position embeddings."""
+"""Token and position embeddings."""
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def text_embeddings(module: nn.Module, vocab_size: int, width: int, max_len: int, dtype,
+                    param_dtype) -> tuple[nn.Embed, jax.Array]:
+  """For a decoder's `setup`: a token embedding [V, D] (std 0.02) to assign to
+  `module.token_embed`, and `module`'s learned position parameter 'pos_embed' [max_len, D]
+  (std 0.01), as CLIP's text tower initialises them."""
+  partitioned = nn.with_logical_partitioning
+  token_embed = nn.Embed(
+      vocab_size, width, dtype=dtype, param_dtype=param_dtype,
+      embedding_init=partitioned(nn.initializers.normal(0.02), ('vocab', 'embed')))
+  pos_embed = module.param('pos_embed', partitioned(nn.initializers.normal(0.01),
+                                                    (None, 'embed')),
+                           (max_len, width), param_dtype)
+  return token_embed, pos_embed
 
 
 def posemb_sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.0,

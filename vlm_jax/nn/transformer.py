@@ -4,6 +4,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlm_jax.nn.attention import MultiHeadAttention
 
@@ -22,10 +23,17 @@ def quick_gelu(x: jax.Array) -> jax.Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU, x * Phi(x), written with erf: jax.nn.gelu(approximate=False) uses erfc,
+  which XLA's CPU backend lowers to several unfused loops (4x slower forward); the two
+  differ by about 1e-6 in f32."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.float32(1 / np.sqrt(2))).astype(x.dtype))
+
+
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
   """'gelu' (exact, erf), 'quick_gelu' or 'gelu_tanh' (tanh approximation, SigLIP)."""
   if name == 'gelu':
-    return lambda x: jax.nn.gelu(x, approximate=False)
+    return gelu
   if name == 'gelu_tanh':
     return lambda x: jax.nn.gelu(x, approximate=True)
   if name == 'quick_gelu':

@@ -10,6 +10,7 @@ The contrastive loss runs in one of three ways:
     the per-device gradients over `axis_name` is the single-device gradient.
 """
 import functools
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -20,10 +21,15 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from vlm_jax import losses
 from vlm_jax.encoders.common import check_choice
+from vlm_jax.losses import blip2 as blip2_losses
 from vlm_jax.losses import captioning
 from vlm_jax.losses import matching
 from vlm_jax.losses import mlm
 from vlm_jax.losses.sharded import AxisName
+from vlm_jax.models import lora
+from vlm_jax.models.blip2 import Blip2
+from vlm_jax.models.blip2_qformer import Blip2QFormer
+from vlm_jax.models.causal_lm import CausalLM
 from vlm_jax.models.coca import CoCa
 from vlm_jax.models.fusion_encoder import FusionEncoder
 from vlm_jax.training import partitioning
@@ -127,8 +133,9 @@ def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
   """The training objective of `config.loss` for `model`.
 
   Args:
-    model: a dual encoder, a fusion encoder (then see `make_fusion_loss_fn`) or a
-      captioner (`make_captioner_loss_fn`).
+    model: a dual encoder, a fusion encoder (then see `make_fusion_loss_fn`), a captioner
+      (CoCa, a causal LM, BLIP-2 stage 2: `make_captioner_loss_fn`) or BLIP-2 stage 1
+      (`make_blip2_qformer_loss_fn`).
     config: the full config (reads `loss` and, for the sharded loss, `parallel.rules`).
     mesh: the jit path's mesh; used only when `loss.sharded` is true.
     axis_name: the pmap axis name; the batch passed to `loss_fn` is then the local shard.
@@ -138,8 +145,10 @@ def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
   """
   if isinstance(model, FusionEncoder):
     return make_fusion_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
-  if isinstance(model, CoCa):
+  if isinstance(model, (CoCa, CausalLM, Blip2)):
     return make_captioner_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
+  if isinstance(model, Blip2QFormer):
+    return make_blip2_qformer_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
   embed_fn = make_embed_fn(model)
   outputs_loss_fn = make_outputs_loss_fn(config, mesh=mesh, axis_name=axis_name)
   same_text = _check_positives(config, mesh, axis_name)
@@ -224,13 +233,16 @@ def _check_fusion_config(model: nn.Module, config: ml_collections.ConfigDict,
 
 
 def _itm_terms(model: nn.Module, params, outputs: dict, batch: dict, rng: jax.Array,
-               dropout_rng: jax.Array, negative_scale: float) -> tuple[jax.Array, dict]:
+               dropout_rng: jax.Array, negative_scale: float,
+               sample: Callable = matching.sample_hard_negatives) -> tuple[jax.Array, dict]:
   """ITM on the B positives, B sampled hard-negative texts, B hard-negative images and,
-  when the batch has them, the dataset's own false captions (`neg_text_ids`)."""
+  when the batch has them, the dataset's own false captions (`neg_text_ids`). `sample`
+  draws the negatives from the contrastive embeddings (`matching.sample_hard_negatives`'s
+  signature)."""
   ids, mask = batch['text_ids'], batch['text_mask']
   forbidden = matching.identical_rows(ids, mask)
   scale = outputs['logit_scale'] if negative_scale < 0 else negative_scale
-  neg_text, text_ok, neg_image, image_ok = matching.sample_hard_negatives(
+  neg_text, text_ok, neg_image, image_ok = sample(
       rng, outputs['image_emb'], outputs['text_emb'], scale, forbidden)
   image_tokens, text_tokens = outputs['image_tokens'], outputs['text_tokens']
   pair_images = [image_tokens, image_tokens, image_tokens[neg_image]]
@@ -315,22 +327,27 @@ def make_fusion_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
   return loss_fn
 
 
-# Captioners (CoCa): contrastive + captioning + VQA as a prefix LM.
+# Captioners (CoCa, causal LM, BLIP-2 stage 2): contrastive + captioning + VQA as a prefix LM.
 
 CAPTIONER_OBJECTIVES = ('itc', 'caption', 'vqa')
 
 
-def _check_captioner_config(config: ml_collections.ConfigDict, axis_name: AxisName | None
-                            ) -> dict[str, float]:
+def _check_captioner_config(model: nn.Module, config: ml_collections.ConfigDict,
+                            axis_name: AxisName | None) -> dict[str, float]:
   """The objectives' weights; raises for options the captioner objective does not support."""
   weights = {k: float(config.loss.weights.get(k, 0.0)) for k in CAPTIONER_OBJECTIVES}
   _check_weights(config, CAPTIONER_OBJECTIVES, 'captioners (CoCa)')
   if axis_name is not None or config.loss.sharded or config.train.microbatches > 1:
     raise ValueError('Captioners train with parallel.mode=jit, loss.sharded=False and '
                      'train.microbatches=1.')
+  if weights['itc'] and not isinstance(model, CoCa):
+    raise ValueError(f'loss.weights.itc > 0 needs contrastive embeddings, which a '
+                     f'{type(model).__name__} does not have (CoCa does); set it to 0.')
   if weights['vqa'] and not config.data.vqa:
     raise ValueError('loss.weights.vqa > 0 needs data.vqa=True (question-answer sequences in '
                      'the batch).')
+  if isinstance(model, Blip2):
+    _check_frozen_image_tower(config)
   return weights
 
 
@@ -344,21 +361,19 @@ def make_captioner_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, 
   `loss.label_smoothing`.
 
   The aux dict holds each weighted term's unweighted value and the token accuracies
-  `caption_accuracy`, `vqa_accuracy`.
+  `caption_accuracy`, `vqa_accuracy`. Models without a temperature (a causal LM, BLIP-2
+  stage 2) train on `caption` and `vqa` only; their `context` is the LM's prefix.
   """
   del mesh  # the dense loss under jit: XLA partitions it over the batch axes
-  weights = _check_captioner_config(config, axis_name)
+  weights = _check_captioner_config(model, config, axis_name)
   name, smoothing = config.loss.name, float(config.loss.label_smoothing)
-
-  def next_token_loss(logits, ids, loss_mask):
-    targets, target_weights = captioning.next_token_targets(ids, loss_mask)
-    return captioning.caption_loss(logits, targets, target_weights, smoothing)
+  next_token_loss = functools.partial(_next_token_loss, smoothing=smoothing)
 
   def loss_fn(params, batch, rng):
     embed_rng, vqa_rng = jax.random.split(rng)
     outputs = model.apply({'params': params}, batch['image'], batch['text_ids'],
                           batch['text_mask'], deterministic=False, rngs={'dropout': embed_rng})
-    aux = {'logit_scale': outputs['logit_scale'], 'logit_bias': outputs['logit_bias']}
+    aux = {k: outputs[k] for k in ('logit_scale', 'logit_bias') if k in outputs}
     total = jnp.zeros((), jnp.float32)
     if weights['itc']:
       loss, metrics = contrastive_terms(name, outputs)
@@ -375,6 +390,76 @@ def make_captioner_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, 
       loss, metrics = next_token_loss(logits, batch['vqa_ids'], batch['vqa_loss_mask'])
       total = total + weights['vqa'] * loss
       aux = {**aux, 'vqa': loss, 'vqa_accuracy': metrics['accuracy']}
+    return total, aux
+
+  return loss_fn
+
+
+def _next_token_loss(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array,
+                     smoothing: float) -> tuple[jax.Array, dict]:
+  """Label-smoothed cross-entropy of the logits [B, L, V] of `ids` [B, L] against the next
+  tokens, over the tokens of `loss_mask` [B, L]."""
+  targets, target_weights = captioning.next_token_targets(ids, loss_mask)
+  return captioning.caption_loss(logits, targets, target_weights, smoothing)
+
+
+def _check_frozen_image_tower(config: ml_collections.ConfigDict) -> None:
+  """BLIP-2 runs its image tower without gradient; unless the optimizer freezes it as well,
+  AdamW's decoupled weight decay would still shrink it."""
+  frozen = (*config.optim.frozen, *lora.frozen_patterns(lora.spec_from_config(config.model.lora)))
+  if not any(re.match(p, 'image_encoder/') for p in frozen):
+    raise ValueError("BLIP-2 keeps its image tower frozen: add 'image_encoder/' to "
+                     'optim.frozen.')
+
+
+# BLIP-2 stage 1: the Q-Former's contrastive, matching and image-grounded generation losses.
+
+BLIP2_QFORMER_OBJECTIVES = ('itc', 'itm', 'caption')
+
+
+def make_blip2_qformer_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
+                               mesh: Mesh | None = None, axis_name: AxisName | None = None
+                               ) -> LossFn:
+  """`loss_fn(params, batch, rng)` of BLIP-2 stage 1 (`Blip2QFormer`): the weighted sum
+  (`loss.weights`) of
+    'itc': the contrastive loss of each image's best-matching query (the max over the
+      queries' similarities), with `loss.label_smoothing` (BLIP-2: 0.1);
+    'itm': matching under the bidirectional mask on the positives, hard negatives drawn from
+      the batch by those similarities (scaled by `loss.itm_negative_scale`) and, with
+      `data.hard_negatives`, the dataset's false captions, as for fusion models;
+    'caption': image-grounded generation (ITG) under the causal mask, next-token
+      cross-entropy with `loss.label_smoothing`.
+  The aux dict holds each term's unweighted value and its accuracies.
+  """
+  del mesh  # the dense loss under jit: XLA partitions it over the batch axes
+  weights = {k: float(config.loss.weights.get(k, 0.0)) for k in BLIP2_QFORMER_OBJECTIVES}
+  _check_weights(config, BLIP2_QFORMER_OBJECTIVES, 'BLIP-2 stage 1 (blip2_qformer)')
+  if axis_name is not None or config.loss.sharded or config.train.microbatches > 1:
+    raise ValueError('BLIP-2 stage 1 trains with parallel.mode=jit, loss.sharded=False and '
+                     'train.microbatches=1 (the ITM negatives need the whole batch).')
+  _check_frozen_image_tower(config)
+  smoothing = float(config.loss.label_smoothing)
+
+  def loss_fn(params, batch, rng):
+    embed_rng, itm_rng, itm_dropout = jax.random.split(rng, 3)
+    outputs = model.apply({'params': params}, batch['image'], batch['text_ids'],
+                          batch['text_mask'], deterministic=False, rngs={'dropout': embed_rng})
+    aux = {'logit_scale': outputs['logit_scale'], 'logit_bias': outputs['logit_bias']}
+    total = jnp.zeros((), jnp.float32)
+    if weights['itc']:
+      loss, metrics = blip2_losses.query_max_contrastive(
+          outputs['image_emb'], outputs['text_emb'], outputs['logit_scale'], smoothing)
+      total, aux = total + weights['itc'] * loss, {**aux, 'itc': loss, **metrics}
+    if weights['itm']:
+      loss, metrics = _itm_terms(model, params, outputs, batch, itm_rng, itm_dropout,
+                                 config.loss.itm_negative_scale,
+                                 sample=blip2_losses.sample_hard_negatives)
+      total, aux = total + weights['itm'] * loss, {**aux, 'itm': loss, **metrics}
+    if weights['caption']:
+      loss, metrics = _next_token_loss(outputs['caption_logits'], batch['text_ids'],
+                                       batch['text_mask'], smoothing)
+      total = total + weights['caption'] * loss
+      aux = {**aux, 'caption': loss, 'caption_accuracy': metrics['accuracy']}
     return total, aux
 
   return loss_fn

@@ -18,6 +18,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -49,11 +50,17 @@ def synced_grad_fn(grad_fn: GradFn, axis_name: str = AXIS) -> GradFn:
 
 def _mean_metrics(step: step_lib.StepFn, axis_name: str = AXIS) -> step_lib.StepFn:
   """`step` whose metrics are averaged over the devices (a no-op for global metrics; makes
-  any per-device metric identical on every device, as out_axes=None assumes)."""
+  any per-device metric identical on every device, as out_axes=None assumes). Integer
+  metrics (counts, identical on every device) are kept as they are: pmean would make them
+  floats."""
+
+  def mean(x):
+    x = jnp.asarray(x)
+    return jax.lax.pmean(x, axis_name) if jnp.issubdtype(x.dtype, jnp.inexact) else x
 
   def fn(state: TrainState, batch: dict, rng: jax.Array):
     state, metrics = step(state, batch, rng)
-    return state, jax.lax.pmean(metrics, axis_name)
+    return state, jax.tree.map(mean, metrics)
 
   return fn
 

@@ -11,7 +11,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import tqdm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -24,9 +23,11 @@ from vlm_jax.models import lora
 from vlm_jax.training import checkpointing
 from vlm_jax.training import distributed
 from vlm_jax.training import jit_driver
+from vlm_jax.training import nonfinite
 from vlm_jax.training import optimizer as optimizer_lib
 from vlm_jax.training import partitioning
 from vlm_jax.training import pmap_driver
+from vlm_jax.training import preemption
 from vlm_jax.training import pretrained
 from vlm_jax.training import writers
 from vlm_jax.training.state import TrainState
@@ -125,12 +126,13 @@ class Setup:
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     opt_sharding = partitioning.opt_state_shardings(self.tx, abstract_opt, params_sharding,
                                                     self.mesh)
-    return TrainState(step=self.replicated, params=params_sharding, opt_state=opt_sharding)
+    return TrainState(step=self.replicated, params=params_sharding, opt_state=opt_sharding,
+                      health=jax.tree.map(lambda _: self.replicated, nonfinite.init()))
 
   def _fresh_state(self, rng: jax.Array) -> TrainState:
     params = nn.unbox(self._init_boxed(rng))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params))
+                      opt_state=self.tx.init(params), health=nonfinite.init())
 
   def init_state(self, rng: jax.Array) -> TrainState:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
@@ -170,13 +172,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   final state and evaluation metrics (as in `results.json`; empty if the run stopped early)."""
   primary = jax.process_index() == 0
   check_workdir(workdir)
+  nonfinite.check_config(config.train)
   pretrained.apply_config(config)  # init.pretrained: the config of what it loads
   info = distributed.primary_first(lambda: datasets.ensure_built(config.data), 'build_data')
   tokenizer = datasets.load_tokenizer(config.data)
   resolve_config(config, tokenizer)
 
   setup = Setup(config)
-  checkpointer = checkpointing.Checkpointer(workdir, config)
+  checkpointer = checkpointing.Checkpointer(workdir, config, training=True)
   if primary:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_utils.to_json(config))
@@ -190,9 +193,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
       config.data, tokenizer, config.train.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
 
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state, data_state = checkpointer.restore(latest, setup.abstract_state)
+  restored = checkpointer.restore_latest(setup.abstract_state)
+  data_state = {}
+  if restored is not None:
+    latest, state, data_state = restored
+    state = state.replace(health=nonfinite.resumed(state.health))
     if data_state.get('iterator') is not None:
       data_iter.set_state(data_state['iterator'])
     logging.info('Resuming from checkpoint at step %d in %s', latest, checkpointer.directory)
@@ -206,52 +211,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   logging.info('Data %s/%s: %s', config.data.name, config.data.builder_config,
                {k: v.num_examples for k, v in info.splits.items()})
 
-  writer = writers.MetricWriter(workdir, enabled=primary)
-  num_steps = config.train.num_steps
-  log_every = max(config.train.log_every_steps, 1)
-  max_per_run = config.train.max_steps_per_run
-  progress = tqdm.tqdm(total=num_steps, initial=start_step, disable=not primary,
-                       mininterval=1.0 if sys.stderr.isatty() else 30.0, desc='train')
-  window_start, window_steps = time.perf_counter(), 0
-  results: dict[str, Any] = {}
-  for step in range(start_step, num_steps):
-    batch = setup.device_batch(next(data_iter))
-    state, metrics = setup.step(state, batch, dropout_rng)
-    window_steps += 1
-    done = step + 1
-    if done % log_every == 0 or done == num_steps:
-      metrics = jax.device_get(metrics)
-      elapsed = time.perf_counter() - window_start
-      metrics['examples_per_sec'] = window_steps * config.train.batch_size / elapsed
-      metrics['steps_per_sec'] = window_steps / elapsed
-      if not np.isfinite(metrics['loss']):
-        checkpointer.wait()
-        raise FloatingPointError(
-            f'Non-finite loss {metrics["loss"]} at step {done}; the last good checkpoint in '
-            f'{checkpointer.directory} is kept. Lower optim.learning_rate or set '
-            'optim.grad_clip_norm.')
-      writer.write(done, {f'train/{k}': v for k, v in metrics.items()})
-      progress.set_postfix(loss=f'{metrics["loss"]:.3f}', ex_s=f'{metrics["examples_per_sec"]:.0f}')
-      logging.info('step %d/%d loss %.4f lr %.2e, %.1f steps/s, %.0f examples/s', done,
-                   num_steps, metrics['loss'], metrics['learning_rate'],
-                   metrics['steps_per_sec'], metrics['examples_per_sec'])
-      window_start, window_steps = time.perf_counter(), 0
-    progress.update(1)
-    stop = bool(max_per_run) and done - start_step >= max_per_run and done < num_steps
-    if done % config.checkpoint.every_steps == 0 or done == num_steps or stop:
-      checkpointer.save(done, state, {'iterator': data_iter.get_state()}, force=True)
-    if stop:
-      logging.info('Stopping after %d steps of this run (train.max_steps_per_run); the same '
-                   'command resumes from step %d.', max_per_run, done)
-      break
-    every = config.eval.every_steps
-    if (every and done % every == 0) or done == num_steps:
-      results = runner.evaluate(config, setup.model, state.params, tokenizer)
-      writer.write(done, results)
-      logging.info('eval at step %d: %s', done, json.dumps(results))
-      window_start = time.perf_counter()
-  progress.close()
+  # Rows past the checkpoint (written before a crash) are dropped: they will be written again.
+  writer = writers.MetricWriter(workdir, enabled=primary, resume_step=start_step)
+  try:
+    results = {}
+    if data_state.get('eval_pending'):  # preempted before the evaluation of its step
+      results = _evaluate(config, setup, state, tokenizer, writer, start_step)
+    state, results = _train_steps(config, setup, state, data_iter, dropout_rng, checkpointer,
+                                  writer, tokenizer, start_step, results)
+  except BaseException:
+    checkpointer.close(raise_errors=False)  # finishes a save in flight
+    writer.close()
+    raise
   checkpointer.close()
+  num_steps = config.train.num_steps
   final = int(jax.device_get(state.step)) >= num_steps
   if final and not results:
     results = runner.evaluate(config, setup.model, state.params, tokenizer)
@@ -259,4 +232,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     with open(os.path.join(workdir, 'results.json'), 'w') as f:
       json.dump(results, f, indent=2, sort_keys=True)
   writer.close()
+  return state, results
+
+
+def _evaluate(config, setup: Setup, state: TrainState, tokenizer, writer: writers.MetricWriter,
+              step: int) -> dict:
+  results = runner.evaluate(config, setup.model, state.params, tokenizer)
+  writer.write(step, results)
+  logging.info('eval at step %d: %s', step, json.dumps(results))
+  return results
+
+
+def _train_steps(config, setup: Setup, state: TrainState, data_iter, dropout_rng: jax.Array,
+                 checkpointer: checkpointing.Checkpointer, writer: writers.MetricWriter,
+                 tokenizer, start_step: int, results: dict) -> tuple[TrainState, dict]:
+  """Steps `start_step + 1 ... train.num_steps`, logging, evaluating and checkpointing.
+
+  Stops early, after writing a checkpoint, after `train.max_steps_per_run` steps or at a
+  preemption notice (SIGTERM). A step's metrics row and evaluation are written before its
+  checkpoint, so a resumed run never lacks or repeats a row. Non-finite steps are checked
+  (`nonfinite.Monitor`) when logging and before every checkpoint, so that train.nonfinite=
+  'stop' never saves a state from after one. Returns the state and the latest evaluation.
+  """
+  num_steps = config.train.num_steps
+  log_every = max(config.train.log_every_steps, 1)
+  max_per_run = config.train.max_steps_per_run
+  every = config.eval.every_steps
+  monitor = nonfinite.Monitor(config.train, checkpointer.directory, state.health)
+  progress = tqdm.tqdm(total=num_steps, initial=start_step, disable=not writer.enabled,
+                       mininterval=1.0 if sys.stderr.isatty() else 30.0, desc='train')
+  window_start, window_steps = time.perf_counter(), 0
+  with preemption.Watcher() as notice:
+    for step in range(start_step, num_steps):
+      batch = setup.device_batch(next(data_iter))
+      state, metrics = setup.step(state, batch, dropout_rng)
+      window_steps += 1
+      done = step + 1
+      if done % log_every == 0 or done == num_steps:
+        metrics = jax.device_get(metrics)
+        elapsed = time.perf_counter() - window_start
+        metrics['examples_per_sec'] = window_steps * config.train.batch_size / elapsed
+        metrics['steps_per_sec'] = window_steps / elapsed
+        writer.write(done, {f'train/{k}': v for k, v in metrics.items()})
+        progress.set_postfix(loss=f'{metrics["loss"]:.3f}',
+                             ex_s=f'{metrics["examples_per_sec"]:.0f}')
+        logging.info('step %d/%d loss %.4f lr %.2e, %.1f steps/s, %.0f examples/s', done,
+                     num_steps, metrics['loss'], metrics['learning_rate'],
+                     metrics['steps_per_sec'], metrics['examples_per_sec'])
+        monitor.check(state.health, done, checkpointer.latest_step())
+        window_start, window_steps = time.perf_counter(), 0
+      progress.update(1)
+      stop = bool(max_per_run) and done - start_step >= max_per_run and done < num_steps
+      preempted = done < num_steps and notice.requested(done)
+      eval_due = bool(every and done % every == 0) or done == num_steps
+      if eval_due and not preempted:
+        results = _evaluate(config, setup, state, tokenizer, writer, done)
+        window_start = time.perf_counter()
+      if done % config.checkpoint.every_steps == 0 or done == num_steps or stop or preempted:
+        monitor.check(state.health, done, checkpointer.latest_step())
+        checkpointer.save(done, state, {'iterator': data_iter.get_state(),
+                                        'eval_pending': eval_due and preempted}, force=True)
+      if preempted:
+        logging.warning('Preempted (%s) at step %d: saved a checkpoint in %s; the same command '
+                        'resumes from step %d.', notice.signal_name, done,
+                        checkpointer.directory, done)
+        break
+      if stop:
+        logging.info('Stopping after %d steps of this run (train.max_steps_per_run); the same '
+                     'command resumes from step %d.', max_per_run, done)
+        break
+  progress.close()
   return state, results
