@@ -38,19 +38,6 @@ _OUT = flags.DEFINE_string('out', None, 'Write the results as flat JSON to this 
 DEFAULT_VOCAB = 64  # without a built dataset (and its tokenizer)
 
 
-def _built_tokenizer(config):
-  """The dataset's tokenizer if the dataset is already built, else None (builds nothing)."""
-  import os  # pylint: disable=g-import-not-at-top
-  from vlm_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  try:
-    if datasets.get_builder(config.data).is_prepared() and os.path.isfile(
-        datasets.tokenizer_path(config.data)):
-      return datasets.load_tokenizer(config.data)
-  except (OSError, ValueError) as e:
-    logging.warning('Could not load the tokenizer: %s', e)
-  return None
-
-
 def _median_seconds(fn, runs: int) -> float:
   import statistics  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
@@ -69,10 +56,11 @@ def benchmark(config, batch: int, new_tokens: int, runs: int) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from vlm_jax import models  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from vlm_jax.inference import decoding  # pylint: disable=g-import-not-at-top
 
   max_len = new_tokens + 1
-  tokenizer = _built_tokenizer(config)
+  tokenizer = datasets.tokenizer_if_built(config.data)
   if config.model.text.vocab_size == 0:
     config.model.text.vocab_size = tokenizer.vocab_size if tokenizer else DEFAULT_VOCAB
   config.model.text.max_len = max(config.model.text.max_len or config.data.max_text_len,

@@ -28,7 +28,6 @@ Metrics:
 import json
 import logging
 import math
-import os
 import statistics
 import sys
 import time
@@ -154,18 +153,6 @@ def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
   return out
 
 
-def _try_tokenizer(config):
-  """The dataset's tokenizer if the dataset is already built, else None (builds nothing)."""
-  from vlm_jax.data import datasets  # pylint: disable=g-import-not-at-top
-  try:
-    if datasets.get_builder(config.data).is_prepared() and os.path.isfile(
-        datasets.tokenizer_path(config.data)):
-      return datasets.load_tokenizer(config.data)
-  except (OSError, ValueError) as e:
-    logging.warning('Could not load the tokenizer: %s', e)
-  return None
-
-
 def measure_pipeline(config, batches: int) -> tuple[float | None, Any]:
   """(examples/s of the grain train iterator alone, the tokenizer); builds the dataset."""
   from vlm_jax.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
@@ -281,12 +268,13 @@ def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_
               with_pipeline: bool = True) -> dict:
   """All the metrics of the module docstring for `config`, as one flat dict."""
   import jax  # pylint: disable=g-import-not-at-top
+  from vlm_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from vlm_jax.training import trainer  # pylint: disable=g-import-not-at-top
   single_device_config(config)
   device = jax.devices()[0]
   pipeline_rate, tokenizer = (measure_pipeline(config, max(steps, 5)) if with_pipeline
                               else (None, None))
-  tokenizer = tokenizer or _try_tokenizer(config)
+  tokenizer = tokenizer or datasets.tokenizer_if_built(config.data)
   if tokenizer is not None:
     trainer.resolve_config(config, tokenizer)
   elif config.model.text.vocab_size == 0:

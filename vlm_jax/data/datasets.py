@@ -6,6 +6,7 @@ dataset's own `tokenizer.json`, trained on its train texts when the dataset is b
 `image_text_folder` (your own data, `vlm_jax.data.image_text_folder`) takes `path` and its
 build settings instead of `builder_config`.
 """
+import logging
 import os
 import tempfile
 from typing import Any, Sequence
@@ -105,6 +106,17 @@ def tokenizer_path(data_cfg: ml_collections.ConfigDict) -> str:
 def load_tokenizer(data_cfg: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer:
   """The tokenizer of `data_cfg` (run `ensure_built` first for the dataset's own)."""
   return tokenizer_lib.Tokenizer.from_file(tokenizer_path(data_cfg))
+
+
+def tokenizer_if_built(data_cfg: ml_collections.ConfigDict) -> tokenizer_lib.Tokenizer | None:
+  """The dataset's tokenizer if the dataset and its tokenizer are already built, else None
+  (builds nothing; benchmarks then use a stand-in vocabulary)."""
+  try:
+    if get_builder(data_cfg).is_prepared() and os.path.isfile(tokenizer_path(data_cfg)):
+      return load_tokenizer(data_cfg)
+  except (OSError, ValueError) as e:
+    logging.warning('Could not load the tokenizer: %s', e)
+  return None
 
 
 def class_names(data_cfg: ml_collections.ConfigDict) -> list[str]:

@@ -209,6 +209,15 @@ def _check_weights(config: ml_collections.ConfigDict, objectives: tuple[str, ...
                      f'Accepted: {", ".join(objectives)}.')
 
 
+def _check_whole_batch(config: ml_collections.ConfigDict, axis_name: AxisName | None,
+                       what: str, why: str = '') -> None:
+  """Raises unless the loss sees the whole global batch in one piece (`what`: e.g.
+  'Captioners train')."""
+  if axis_name is not None or config.loss.sharded or config.train.microbatches > 1:
+    raise ValueError(f'{what} with parallel.mode=jit, loss.sharded=False and '
+                     f'train.microbatches=1{why}.')
+
+
 # Fusion models: contrastive + image-text matching + masked language modelling.
 
 FUSION_OBJECTIVES = ('itc', 'itm', 'mlm')
@@ -219,9 +228,8 @@ def _check_fusion_config(model: nn.Module, config: ml_collections.ConfigDict,
   """The objectives' weights; raises for options the fusion objective does not support."""
   weights = {k: float(config.loss.weights.get(k, 0.0)) for k in FUSION_OBJECTIVES}
   _check_weights(config, FUSION_OBJECTIVES, 'fusion models')
-  if axis_name is not None or config.loss.sharded or config.train.microbatches > 1:
-    raise ValueError('Fusion models train with parallel.mode=jit, loss.sharded=False and '
-                     'train.microbatches=1 (the ITM negatives need the whole batch).')
+  _check_whole_batch(config, axis_name, 'Fusion models train',
+                     ' (the ITM negatives need the whole batch)')
   if weights['itm'] and not model.itm:
     raise ValueError('loss.weights.itm > 0 needs model.heads.itm=True.')
   if weights['mlm'] and not model.mlm:
@@ -337,9 +345,7 @@ def _check_captioner_config(model: nn.Module, config: ml_collections.ConfigDict,
   """The objectives' weights; raises for options the captioner objective does not support."""
   weights = {k: float(config.loss.weights.get(k, 0.0)) for k in CAPTIONER_OBJECTIVES}
   _check_weights(config, CAPTIONER_OBJECTIVES, 'captioners (CoCa)')
-  if axis_name is not None or config.loss.sharded or config.train.microbatches > 1:
-    raise ValueError('Captioners train with parallel.mode=jit, loss.sharded=False and '
-                     'train.microbatches=1.')
+  _check_whole_batch(config, axis_name, 'Captioners train')
   if weights['itc'] and not isinstance(model, CoCa):
     raise ValueError(f'loss.weights.itc > 0 needs contrastive embeddings, which a '
                      f'{type(model).__name__} does not have (CoCa does); set it to 0.')
@@ -434,9 +440,8 @@ def make_blip2_qformer_loss_fn(model: nn.Module, config: ml_collections.ConfigDi
   del mesh  # the dense loss under jit: XLA partitions it over the batch axes
   weights = {k: float(config.loss.weights.get(k, 0.0)) for k in BLIP2_QFORMER_OBJECTIVES}
   _check_weights(config, BLIP2_QFORMER_OBJECTIVES, 'BLIP-2 stage 1 (blip2_qformer)')
-  if axis_name is not None or config.loss.sharded or config.train.microbatches > 1:
-    raise ValueError('BLIP-2 stage 1 trains with parallel.mode=jit, loss.sharded=False and '
-                     'train.microbatches=1 (the ITM negatives need the whole batch).')
+  _check_whole_batch(config, axis_name, 'BLIP-2 stage 1 trains',
+                     ' (the ITM negatives need the whole batch)')
   _check_frozen_image_tower(config)
   smoothing = float(config.loss.label_smoothing)
 
