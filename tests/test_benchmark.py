@@ -1,15 +1,25 @@
-"""Smoke test of the benchmark entry point on the `tiny` config (no timing assertions)."""
+"""Smoke test of the benchmark entry point on the `tiny` config (no timing assertions), and
+the interleaved timing / paired speed-up helpers on hand-made timings."""
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
+
+import pytest
+
+from experiments.benchmarks import timing
+from run_configs import tiny_config  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POSITIVE = ('examples_per_sec', 'step_time_ms', 'compile_time_s', 'model_tflops_per_step',
             'analytic_tflops_per_step', 'measured_ceiling_tflops', 'mfu_vs_measured_ceiling',
             'peak_memory_bytes', 'pipeline_examples_per_sec', 'pipeline_vs_step_ratio',
             'eval_embed_images_per_sec')
-NULLABLE = ('mfu_vs_peak', 'torch_examples_per_sec', 'speedup_vs_torch')
+NULLABLE = ('mfu_vs_peak', 'torch_examples_per_sec', 'speedup_vs_torch', 'speedup_vs_torch_min',
+            'speedup_vs_torch_max')
+HAS_TORCH = all(importlib.util.find_spec(m) for m in ('torch', 'transformers'))
 
 
 def test_benchmark_writes_every_metric(shapes_small_dir, tmp_path):
@@ -28,6 +38,10 @@ def test_benchmark_writes_every_metric(shapes_small_dir, tmp_path):
     assert metrics[key] is None or metrics[key] > 0, (key, metrics[key])
   if metrics['torch_examples_per_sec'] is None:
     assert 'PyTorch peer skipped' in result.stdout
+  if HAS_TORCH:  # the peer ran, alternating with the JAX steps
+    low, mid, high = (metrics[f'speedup_vs_torch{s}'] for s in ('_min', '', '_max'))
+    assert math.isfinite(mid) and 0 < low <= mid <= high, (low, mid, high)
+    assert metrics['torch_examples_per_sec'] > 0
   if metrics['backend'] == 'cpu':
     assert metrics['mfu_vs_peak'] is None
 
@@ -38,3 +52,55 @@ def test_help_describes_every_flag():
                           text=True, timeout=60)
   for flag in ('--config', '--out', '--steps', '--warmup', '--torch', '--matmul_size'):
     assert flag in result.stdout + result.stderr, flag
+
+
+def test_pair_speedups_is_the_median_of_pair_ratios():
+  jax_s, torch_s = [1.0, 2.0, 4.0, 1.0], [3.0, 2.0, 8.0, 4.0]  # ratios 3, 1, 2, 4
+  out = timing.pair_speedups(jax_s, torch_s)
+  assert out == {'speedup_vs_torch': 2.5, 'speedup_vs_torch_min': 1.0,
+                 'speedup_vs_torch_max': 4.0}
+  # The ratio of the medians, 3.5 / 1.5, would differ.
+  assert abs(out['speedup_vs_torch'] - 3.5 / 1.5) > 0.1
+
+
+@pytest.mark.parametrize('jax_s, torch_s', [
+    ([], []), ([1.0], [1.0, 2.0]), ([1.0, 0.0], [1.0, 1.0]), ([1.0], [-1.0])])
+def test_pair_speedups_rejects_bad_timings(jax_s, torch_s):
+  with pytest.raises(ValueError, match='JAX'):
+    timing.pair_speedups(jax_s, torch_s)
+
+
+def test_interleaved_seconds_alternates_and_times_each_call():
+  now, calls = [0.0], []
+
+  def clock():
+    return now[0]
+
+  def make(name, seconds):
+    def fn():
+      calls.append(name)
+      now[0] += seconds
+    return fn
+
+  times = timing.interleaved_seconds([make('jax', 1.0), make('torch', 5.0)], 3, clock)
+  assert calls == ['jax', 'torch'] * 3
+  assert times == [[1.0] * 3, [5.0] * 3]
+  with pytest.raises(ValueError, match='runs'):
+    timing.interleaved_seconds([make('jax', 1.0)], 0, clock)
+
+
+def test_torch_metrics():
+  out = timing.torch_metrics([1.0, 2.0, 4.0], [2.0, 2.0, 12.0], torch_batch=16)
+  assert out['torch_examples_per_sec'] == 16 / 2.0  # batch / median torch time
+  assert out['speedup_vs_torch'] == 2.0 and out['speedup_vs_torch_max'] == 3.0
+  assert set(timing.torch_metrics([1.0], None, None).values()) == {None}
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason='torch/transformers not installed')
+def test_torch_peer_step_on_tiny_config(tmp_path):
+  from experiments.benchmarks import torch_peer  # pylint: disable=g-import-not-at-top
+  config = tiny_config(str(tmp_path))
+  step, batch = torch_peer.build_step(config, vocab_size=16)
+  assert batch == config.train.batch_size
+  assert step() is None
+  assert torch_peer.examples_per_sec(config, 16, steps=1, warmup=0) > 0

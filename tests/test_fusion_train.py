@@ -95,6 +95,41 @@ def test_hard_negatives_in_the_train_stream_are_false_captions(small_data_cfg):
   assert kinds == {'colors', 'objects'}
 
 
+def test_hard_negative_kinds_pick_the_swap(small_data_cfg):
+  source = datasets.data_source(small_data_cfg, 'train', raw=True)
+  found = 0
+  for index in range(40):
+    features = records.parse(source[index])
+    colors = records.texts(features, 'objects/color')
+    for caption in records.texts(features, 'captions'):
+      relation = pipeline._hard_negative(features, caption, 0, ('relation',))
+      attribute = pipeline._hard_negative(features, caption, 0, ('attribute',))
+      if relation:  # the objects exchanged: the colour named first is now the other one
+        found += 1
+        first = lambda text: min((text.index(c), c) for c in colors)[1]
+        assert relation != attribute and first(relation) != first(caption)
+        assert sorted(relation.split()) == sorted(caption.split())
+      if attribute:
+        swapped = caption.replace(colors[0], '#').replace(colors[1], colors[0])
+        assert attribute == swapped.replace('#', colors[1])
+  assert found > 0
+  with pytest.raises(ValueError, match="hard_negative_kinds.*'relation', 'attribute'"):
+    pipeline.check_hard_negative_kinds(('relations',))
+
+
+def test_itm_without_batch_negatives_scores_true_against_false_captions(shapes_small_dir,
+                                                                        tmp_path):
+  config = tiny_fusion_config('albef_shapes', shapes_small_dir)
+  config.loss.itm_batch_negatives = False
+  config.data.hard_negative_kinds = ('relation',)
+  config.eval.splits = ()
+  state, _ = trainer.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 3
+  config.data.hard_negatives = False
+  with pytest.raises(ValueError, match='itm_batch_negatives=False.*data.hard_negatives=True'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'no_negatives'))
+
+
 def test_unknown_fusion_name_is_a_clear_error():
   config = tiny_config('', 'albef_shapes')
   config.model.fusion.name = 'crossattention'

@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
       std=(0.5, 0.5, 0.5),
       flip=False,               # horizontal flip, with left/right swapped in captions
       hard_negatives=False,     # add a false caption per two-object image (for ITM)
+      hard_negative_kinds=('relation', 'attribute'),  # its kinds: objects or colours swapped
       vqa=False,                # add one question-answer sequence per image (captioners:
                                 # vqa_ids, vqa_mask, vqa_loss_mask; see data/pipeline.py)
       num_threads=2,
@@ -128,6 +129,8 @@ def base_config() -> ml_collections.ConfigDict:
   # itm_negative_scale: ITM negatives are drawn with probability softmax(scale * cosine);
   # -1 = the model's contrastive logit scale (ALBEF). A small scale draws nearly uniform
   # negatives, which matters where the batch's most similar captions are often true ones.
+  # itm_batch_negatives: False = ITM's negatives are only the dataset's false captions
+  # (data.hard_negatives), not texts and images drawn from the batch.
   # mlm_mask_id: the [MASK] token id; -1 = the tokenizer's (filled in by the trainer).
   # positives: 'pair' (image i with caption i only) or 'same_text' (sigmoid: every pair whose
   # captions are identical is a positive, so repeated captions are not false negatives).
@@ -135,7 +138,8 @@ def base_config() -> ml_collections.ConfigDict:
   # (captioners; CoCa weighs caption 2, itc 1), with `label_smoothing`.
   c.loss = dict(name='softmax', weights=dict(itc=1.0, itm=1.0, mlm=1.0, caption=0.0, vqa=0.0),
                 label_smoothing=0.0, sharded=False,
-                block_size=256, itm_negative_scale=-1.0, mlm_probability=0.15,
+                block_size=256, itm_negative_scale=-1.0, itm_batch_negatives=True,
+                mlm_probability=0.15,
                 mlm_mask_id=-1, positives='pair')
 
   # frozen: regexes matched (re.match) against '/'-joined parameter paths; matching

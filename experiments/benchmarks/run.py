@@ -10,7 +10,8 @@ writes the numbers as one flat JSON object (`--out`).
 
 Metrics:
   step_time_ms: median over `--steps` steps after `--warmup` steps, each timed to
-    `block_until_ready`; examples_per_sec = batch / median step time.
+    `block_until_ready`; examples_per_sec = batch / median step time. With the PyTorch peer
+    the timed steps alternate with its steps (see below); both are warmed up first.
   compile_time_s: lowering plus compiling the train step.
   model_tflops_per_step: XLA's count (`compiled.cost_analysis()['flops']`) of the step.
   analytic_tflops_per_step: see `analytic_flops`.
@@ -23,7 +24,13 @@ Metrics:
   pipeline_examples_per_sec: the grain train iterator alone; pipeline_vs_step_ratio is it
     over examples_per_sec (> 1: the input pipeline keeps up with training).
   eval_embed_images_per_sec: `Embedder.images` on synthetic images, eval batch size.
-  torch_examples_per_sec, speedup_vs_torch: the PyTorch peer (`torch_peer.py`), or null.
+  torch_examples_per_sec: the PyTorch peer (`torch_peer.py`), batch / median of its step
+    times, or null. Its `--steps` timed steps alternate with the JAX ones (JAX, torch, JAX,
+    torch...), so each pair runs under the same machine load.
+  speedup_vs_torch: median over the pairs of torch step time / JAX step time (so load that
+    drifts during the run cancels out in each ratio); speedup_vs_torch_min and _max are the
+    smallest and largest pair ratio (their spread shows how noisy the figure is). Null
+    without the peer.
 """
 import json
 import logging
@@ -35,6 +42,7 @@ from typing import Any, Callable
 
 from absl import flags
 
+from experiments.benchmarks import timing
 from vlm_jax import cli
 
 _CONFIG = cli.define_config_flag()
@@ -76,16 +84,6 @@ def peak_tflops(device_kind: str) -> float | None:
     if kind.startswith(prefix):
       return peak
   return None
-
-
-def median_seconds(fn: Callable[[], Any], runs: int) -> float:
-  """Median wall time of `runs` calls of `fn` (which must block until its work is done)."""
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def _tower_matmul_params(tower) -> int:
@@ -134,7 +132,7 @@ def matmul_ceiling_tflops(device, dtype: str, size: int, runs: int = 5) -> float
           for k in keys)
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, b).block_until_ready()  # compile
-  seconds = median_seconds(lambda: matmul(a, b).block_until_ready(), runs)
+  seconds = timing.median_seconds(lambda: matmul(a, b).block_until_ready(), runs)
   return 2 * size ** 3 / seconds / 1e12
 
 
@@ -199,8 +197,14 @@ def _memory_of(compiled) -> dict:
   return {'peak_memory_bytes': sum(parts.values()), **parts}
 
 
-def measure_step(config, vocab_size: int, steps: int, warmup: int) -> tuple[dict, Any, Any]:
-  """Compiles and times the train step on one device; returns (metrics, setup, params)."""
+def measure_step(config, vocab_size: int, steps: int, warmup: int,
+                 peer: Callable[[], Any] | None = None
+                 ) -> tuple[dict, Any, Any, list[float], list[float] | None]:
+  """Compiles and times the train step on one device.
+
+  With `peer` (a step that blocks until done), each warm-up and timed step of JAX is followed
+  by one of `peer`. Returns (metrics, setup, params, JAX step times, peer step times or None).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   from vlm_jax.training import partitioning, trainer  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
@@ -218,9 +222,12 @@ def measure_step(config, vocab_size: int, steps: int, warmup: int) -> tuple[dict
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready((state, metrics))
 
+  fns = [one_step] if peer is None else [one_step, peer]
   for _ in range(warmup):
-    one_step()
-  step_time = median_seconds(one_step, steps)
+    for fn in fns:
+      fn()
+  times = timing.interleaved_seconds(fns, steps)
+  step_time = statistics.median(times[0])
   flops = _flops_of(compiled)
   stats = device.memory_stats() or {}
   metrics = {
@@ -232,7 +239,7 @@ def measure_step(config, vocab_size: int, steps: int, warmup: int) -> tuple[dict
       **_memory_of(compiled),
       'device_peak_bytes_in_use': stats.get('peak_bytes_in_use'),
   }
-  return metrics, setup, state.params
+  return metrics, setup, state.params, times[0], (times[1] if peer is not None else None)
 
 
 def measure_embed(config, model, params, images: int, runs: int = 3) -> float:
@@ -244,16 +251,18 @@ def measure_embed(config, model, params, images: int, runs: int = 3) -> float:
   size = config.data.image_size
   pixels = np.random.default_rng(0).standard_normal((images, size, size, 3), np.float32)
   embedder.images(pixels[:embedder.batch_size])  # compile
-  return images / median_seconds(lambda: embedder.images(pixels), runs)
+  return images / timing.median_seconds(lambda: embedder.images(pixels), runs)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
   return a / b if a is not None and b else None
 
 
-def torch_peer_examples_per_sec(config, vocab_size: int, steps: int, warmup: int,
-                                mode: str) -> float | None:
-  """The PyTorch peer's examples/s, or None (and a printed reason) when it does not run."""
+def torch_peer_step(config, vocab_size: int,
+                    mode: str) -> tuple[Callable[[], None], int] | None:
+  """The PyTorch peer's (step, batch size), or None (and a printed reason) when it is off."""
+  if mode not in ('auto', 'off'):
+    raise ValueError(f"torch mode must be 'auto' or 'off'; got {mode!r}.")
   if mode == 'off':
     print('PyTorch peer skipped: --torch=off')
     return None
@@ -261,7 +270,7 @@ def torch_peer_examples_per_sec(config, vocab_size: int, steps: int, warmup: int
   if not torch_peer.available():
     print(TORCH_SKIP)
     return None
-  return torch_peer.examples_per_sec(config, vocab_size, steps=steps, warmup=warmup)
+  return torch_peer.build_step(config, vocab_size)
 
 
 def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_size: int = 0,
@@ -284,7 +293,9 @@ def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_
       'config': config.model.name, 'device_kind': device.device_kind,
       'backend': jax.default_backend(), 'batch_size': config.train.batch_size,
       'dtype': config.model.dtype, 'vocab_size': vocab, 'steps': steps, 'warmup': warmup}
-  step_metrics, setup, params = measure_step(config, vocab, steps, warmup)
+  peer = torch_peer_step(config, vocab, torch_mode)
+  step_metrics, setup, params, jax_seconds, torch_seconds = measure_step(
+      config, vocab, steps, warmup, peer[0] if peer else None)
   results.update(step_metrics)
   analytic = analytic_flops(config, config.train.batch_size)
   results['analytic_tflops_per_step'] = analytic / 1e12
@@ -300,9 +311,7 @@ def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_
   results['pipeline_vs_step_ratio'] = _ratio(pipeline_rate, results['examples_per_sec'])
   results['eval_embed_images_per_sec'] = measure_embed(
       config, setup.model, params, 2 * config.eval.batch_size)
-  torch_rate = torch_peer_examples_per_sec(config, vocab, steps, warmup, torch_mode)
-  results['torch_examples_per_sec'] = torch_rate
-  results['speedup_vs_torch'] = _ratio(results['examples_per_sec'], torch_rate)
+  results.update(timing.torch_metrics(jax_seconds, torch_seconds, peer[1] if peer else None))
   return results
 
 

@@ -1,8 +1,10 @@
 """The PyTorch peer: Hugging Face `CLIPModel` of a config's architecture, trained with AdamW.
 
 Random weights from a `CLIPConfig` with the config's tower sizes; the same batch size, image
-size and text length as the JAX benchmark; `torch.set_num_threads(os.cpu_count())`; every
-step timed to completion (CUDA synchronised) and the median reported, as in `run.py`.
+size and text length as the JAX benchmark; `torch.set_num_threads(os.cpu_count())`.
+`build_step` returns one train step as a callable that returns when the step is done (CUDA
+synchronised), which `run.py` times alternately with the JAX step; `examples_per_sec` times
+it alone (median step time).
 Needs `torch` and `transformers` (not dependencies of vlm_jax):
 
   pip install torch==2.13.0 transformers
@@ -11,7 +13,7 @@ import contextlib
 import os
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 
 def available() -> bool:
@@ -79,8 +81,12 @@ def synthetic_inputs(config, vocab_size: int, device) -> dict[str, Any]:
           'attention_mask': torch.ones((batch, length), dtype=torch.long, device=device)}
 
 
-def examples_per_sec(config, vocab_size: int, steps: int = 20, warmup: int = 3) -> float:
-  """Examples/s of CLIPModel + AdamW training steps (median step time) on the config's batch."""
+def build_step(config, vocab_size: int) -> tuple[Callable[[], None], int]:
+  """(`step`, batch size): `step()` runs one CLIPModel + AdamW train step on fixed inputs.
+
+  Each call returns once the step is done (CUDA synchronised on a GPU), so it can be timed
+  from outside; the model and optimizer state persist across calls.
+  """
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   for difference in differences(config):
@@ -98,7 +104,7 @@ def examples_per_sec(config, vocab_size: int, steps: int = 20, warmup: int = 3) 
   half = config.model.dtype == 'bfloat16'
   sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
-  def one_step():
+  def step() -> None:
     optimizer.zero_grad(set_to_none=True)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if half
                 else contextlib.nullcontext())
@@ -110,11 +116,17 @@ def examples_per_sec(config, vocab_size: int, steps: int = 20, warmup: int = 3) 
     optimizer.step()
     sync()
 
+  return step, config.train.batch_size
+
+
+def examples_per_sec(config, vocab_size: int, steps: int = 20, warmup: int = 3) -> float:
+  """Examples/s of CLIPModel + AdamW training steps (median step time) on the config's batch."""
+  step, batch_size = build_step(config, vocab_size)
   for _ in range(warmup):
-    one_step()
+    step()
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    one_step()
+    step()
     times.append(time.perf_counter() - start)
-  return config.train.batch_size / statistics.median(times)
+  return batch_size / statistics.median(times)

@@ -69,7 +69,8 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
     options = records.texts(features, 'captions')
     caption = options[h % len(options)]
     image = records.image(features)  # [S, S, 3] uint8
-    negative = _hard_negative(features, caption, h) if data_cfg.hard_negatives else ''
+    negative = (_hard_negative(features, caption, h, tuple(data_cfg.hard_negative_kinds))
+                if data_cfg.hard_negatives else '')
     question, answer = _question_answer(features, h) if data_cfg.vqa else ('', '')
     if data_cfg.flip and h >> 63:
       image, caption = image[:, ::-1], shapes_text.flip_caption(caption)
@@ -104,11 +105,25 @@ def _question_answer(features: records.Features, h: int) -> tuple[str, str]:
   return questions[index], answers[index]
 
 
-def _hard_negative(features: records.Features, caption: str, h: int) -> str:
+HARD_NEGATIVE_KINDS = ('relation', 'attribute')
+
+
+def check_hard_negative_kinds(kinds) -> tuple[str, ...]:
+  """`data.hard_negative_kinds` as a tuple, or ValueError naming the accepted kinds."""
+  kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+  unknown = [k for k in kinds if k not in HARD_NEGATIVE_KINDS]
+  if unknown or not kinds:
+    raise ValueError(f'data.hard_negative_kinds={kinds!r}: give one or more of '
+                     f'{HARD_NEGATIVE_KINDS}.')
+  return kinds
+
+
+def _hard_negative(features: records.Features, caption: str, h: int,
+                   kinds: tuple[str, ...] = HARD_NEGATIVE_KINDS) -> str:
   """A false version of `caption` (a caption of this two-object scene): its objects
-  exchanged (relation) or their colours exchanged (attributes), picked by bit 62 of the
-  example's hash among those that are surely false; '' when there is none (one object, or
-  a caption that either swap could leave true).
+  exchanged ('relation') or their colours exchanged ('attribute'), of the `kinds` asked for,
+  picked by bit 62 of the example's hash among those that are surely false; '' when there is
+  none (one object, or a caption that either swap could leave true).
 
   The negative is made from the caption itself, not from a canonical one, so that the
   pair differs only in the swap: otherwise a matching head can tell the two apart by their
@@ -116,8 +131,8 @@ def _hard_negative(features: records.Features, caption: str, h: int) -> str:
   """
   colors = records.texts(features, 'objects/color')
   shapes = records.texts(features, 'objects/shape')
-  options = [n for n in (shapes_text.swap_objects(caption, colors, shapes),
-                         shapes_text.swap_colors(caption, colors, shapes)) if n]
+  swaps = {'relation': shapes_text.swap_objects, 'attribute': shapes_text.swap_colors}
+  options = [n for n in (swaps[k](caption, colors, shapes) for k in kinds) if n]
   if not options:
     return ''
   return options[(h >> 62) & 1] if len(options) == 2 else options[0]
@@ -142,6 +157,7 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
   data_cfg = data_cfg.copy_and_resolve_references()  # later edits must not change the stream
+  check_hard_negative_kinds(data_cfg.hard_negative_kinds)
   datasets.image_size(data_cfg)  # checks data.image_size
   source = datasets.data_source(data_cfg, data_cfg.train_split, raw=True)
   if len(source) == 0:  # pylint: disable=g-explicit-length-test

@@ -141,7 +141,8 @@ def grad_fn_for(model: nn.Module, config: ml_collections.ConfigDict, *,
 
   `mesh` and `axis_name` are those given to `objectives.make_loss_fn`; `batch_sharding`, the
   global batch's, only serves to warn when a device's rows do not split into whole
-  micro-batches (correct, but rows then move between devices).
+  micro-batches (correct, but rows then move between devices). As in `make_loss_fn`, the
+  frozen parameters are behind `stop_gradient` (`objectives.stop_frozen_fn`).
   """
   k, batch_size = config.train.microbatches, config.train.batch_size
   if k < 1 or batch_size % k:
@@ -155,7 +156,7 @@ def grad_fn_for(model: nn.Module, config: ml_collections.ConfigDict, *,
       logging.warning('train.microbatches=%d does not divide the %d rows of each of the %d '
                       'batch shards: micro-batches will move between devices.', k,
                       batch_size // shards, shards)
-  return grad_cache(objectives.make_embed_fn(model),
+  return grad_cache(objectives.stop_frozen_fn(objectives.make_embed_fn(model), config),
                     objectives.make_outputs_loss_fn(config, mesh=mesh, axis_name=axis_name),
                     k)
 

@@ -32,6 +32,7 @@ from vlm_jax.models.blip2_qformer import Blip2QFormer
 from vlm_jax.models.causal_lm import CausalLM
 from vlm_jax.models.coca import CoCa
 from vlm_jax.models.fusion_encoder import FusionEncoder
+from vlm_jax.training import optimizer
 from vlm_jax.training import partitioning
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -141,14 +142,40 @@ def make_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
     axis_name: the pmap axis name; the batch passed to `loss_fn` is then the local shard.
 
   Returns:
-    `loss_fn(params, batch, rng) -> (loss [], aux)`; the loss is the global-batch loss.
+    `loss_fn(params, batch, rng) -> (loss [], aux)`; the loss is the global-batch loss. The
+    frozen parameters (`frozen_patterns`) are behind `stop_gradient`: their gradients are
+    exact zeros, and XLA skips the backward work that only they need.
   """
   if isinstance(model, FusionEncoder):
-    return make_fusion_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
-  if isinstance(model, (CoCa, CausalLM, Blip2)):
-    return make_captioner_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
-  if isinstance(model, Blip2QFormer):
-    return make_blip2_qformer_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
+    loss_fn = make_fusion_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
+  elif isinstance(model, (CoCa, CausalLM, Blip2)):
+    loss_fn = make_captioner_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
+  elif isinstance(model, Blip2QFormer):
+    loss_fn = make_blip2_qformer_loss_fn(model, config, mesh=mesh, axis_name=axis_name)
+  else:
+    loss_fn = _dual_encoder_loss_fn(model, config, mesh, axis_name)
+  return stop_frozen_fn(loss_fn, config)
+
+
+def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The regexes of the parameters the optimizer freezes: `optim.frozen` and LoRA's base
+  parameters (`lora.frozen_patterns`)."""
+  return (*config.optim.frozen,
+          *lora.frozen_patterns(lora.spec_from_config(config.model.lora)))
+
+
+def stop_frozen_fn(fn: Callable, config: ml_collections.ConfigDict) -> Callable:
+  """`fn(params, *args)` with the frozen parameters of `config` behind `stop_gradient`
+  (`optimizer.stop_frozen`); `fn` itself when nothing is frozen."""
+  frozen = frozen_patterns(config)
+  if not frozen:
+    return fn
+  return lambda params, *args: fn(optimizer.stop_frozen(params, frozen), *args)
+
+
+def _dual_encoder_loss_fn(model: nn.Module, config: ml_collections.ConfigDict,
+                          mesh: Mesh | None, axis_name: AxisName | None) -> LossFn:
+  """`make_loss_fn` of a dual encoder: `make_outputs_loss_fn` of `make_embed_fn`."""
   embed_fn = make_embed_fn(model)
   outputs_loss_fn = make_outputs_loss_fn(config, mesh=mesh, axis_name=axis_name)
   same_text = _check_positives(config, mesh, axis_name)
@@ -232,6 +259,9 @@ def _check_fusion_config(model: nn.Module, config: ml_collections.ConfigDict,
                      ' (the ITM negatives need the whole batch)')
   if weights['itm'] and not model.itm:
     raise ValueError('loss.weights.itm > 0 needs model.heads.itm=True.')
+  if weights['itm'] and not config.loss.itm_batch_negatives and not config.data.hard_negatives:
+    raise ValueError('loss.itm_batch_negatives=False leaves ITM only the dataset\'s false '
+                     'captions: set data.hard_negatives=True.')
   if weights['mlm'] and not model.mlm:
     raise ValueError('loss.weights.mlm > 0 needs model.heads.mlm=True.')
   if weights['mlm'] and config.loss.mlm_mask_id < 0:
@@ -242,22 +272,30 @@ def _check_fusion_config(model: nn.Module, config: ml_collections.ConfigDict,
 
 def _itm_terms(model: nn.Module, params, outputs: dict, batch: dict, rng: jax.Array,
                dropout_rng: jax.Array, negative_scale: float,
-               sample: Callable = matching.sample_hard_negatives) -> tuple[jax.Array, dict]:
-  """ITM on the B positives, B sampled hard-negative texts, B hard-negative images and,
-  when the batch has them, the dataset's own false captions (`neg_text_ids`). `sample`
-  draws the negatives from the contrastive embeddings (`matching.sample_hard_negatives`'s
-  signature)."""
+               sample: Callable = matching.sample_hard_negatives,
+               batch_negatives: bool = True) -> tuple[jax.Array, dict]:
+  """ITM on the B positives, B sampled hard-negative texts and B hard-negative images
+  (with `batch_negatives`) and, when the batch has them, the dataset's own false captions
+  (`neg_text_ids`). `sample` draws the negatives from the contrastive embeddings
+  (`matching.sample_hard_negatives`'s signature)."""
   ids, mask = batch['text_ids'], batch['text_mask']
-  forbidden = matching.identical_rows(ids, mask)
-  scale = outputs['logit_scale'] if negative_scale < 0 else negative_scale
-  neg_text, text_ok, neg_image, image_ok = sample(
-      rng, outputs['image_emb'], outputs['text_emb'], scale, forbidden)
   image_tokens, text_tokens = outputs['image_tokens'], outputs['text_tokens']
-  pair_images = [image_tokens, image_tokens, image_tokens[neg_image]]
-  pair_texts = [text_tokens, text_tokens[neg_text], text_tokens]
-  pair_masks = [mask, mask[neg_text], mask]
-  labels = [jnp.ones_like(text_ok, jnp.int32)] + [jnp.zeros_like(text_ok, jnp.int32)] * 2
-  valid = [jnp.ones_like(text_ok), text_ok, image_ok]
+  positive = jnp.ones(ids.shape[:1], bool)
+  pair_images, pair_texts, pair_masks = [image_tokens], [text_tokens], [mask]
+  labels = [positive.astype(jnp.int32)]
+  # Without batch negatives, only images with a false caption count as positives: ITM then
+  # sees balanced pairs of a true and a false caption of one image.
+  valid = [positive if batch_negatives or 'neg_valid' not in batch else batch['neg_valid']]
+  if batch_negatives:
+    forbidden = matching.identical_rows(ids, mask)
+    scale = outputs['logit_scale'] if negative_scale < 0 else negative_scale
+    neg_text, text_ok, neg_image, image_ok = sample(
+        rng, outputs['image_emb'], outputs['text_emb'], scale, forbidden)
+    pair_images += [image_tokens, image_tokens[neg_image]]
+    pair_texts += [text_tokens[neg_text], text_tokens]
+    pair_masks += [mask[neg_text], mask]
+    labels += [jnp.zeros_like(labels[0])] * 2
+    valid += [text_ok, image_ok]
   if 'neg_text_ids' in batch:
     neg_tokens = model.apply({'params': params}, batch['neg_text_ids'], batch['neg_text_mask'],
                              deterministic=False, rngs={'dropout': dropout_rng},
@@ -265,7 +303,7 @@ def _itm_terms(model: nn.Module, params, outputs: dict, batch: dict, rng: jax.Ar
     pair_images.append(image_tokens)
     pair_texts.append(neg_tokens)
     pair_masks.append(batch['neg_text_mask'])
-    labels.append(jnp.zeros_like(text_ok, jnp.int32))
+    labels.append(jnp.zeros_like(labels[0]))
     valid.append(batch['neg_valid'])
   cat = lambda xs: jnp.concatenate(xs, axis=0)
   pair_mask = cat(pair_masks)
@@ -325,7 +363,8 @@ def make_fusion_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
       total, aux = total + weights['itc'] * loss, {**aux, 'itc': loss, **metrics}
     if weights['itm']:
       loss, metrics = _itm_terms(model, params, outputs, batch, itm_rng, itm_dropout,
-                                 config.loss.itm_negative_scale)
+                                 config.loss.itm_negative_scale,
+                                 batch_negatives=config.loss.itm_batch_negatives)
       total, aux = total + weights['itm'] * loss, {**aux, 'itm': loss, **metrics}
     if weights['mlm']:
       loss, metrics = _mlm_terms(model, params, outputs, batch, mlm_rng, mlm_dropout, config)
@@ -412,8 +451,7 @@ def _next_token_loss(logits: jax.Array, ids: jax.Array, loss_mask: jax.Array,
 def _check_frozen_image_tower(config: ml_collections.ConfigDict) -> None:
   """BLIP-2 runs its image tower without gradient; unless the optimizer freezes it as well,
   AdamW's decoupled weight decay would still shrink it."""
-  frozen = (*config.optim.frozen, *lora.frozen_patterns(lora.spec_from_config(config.model.lora)))
-  if not any(re.match(p, 'image_encoder/') for p in frozen):
+  if not any(re.match(p, 'image_encoder/') for p in frozen_patterns(config)):
     raise ValueError("BLIP-2 keeps its image tower frozen: add 'image_encoder/' to "
                      'optim.frozen.')
 

@@ -5,7 +5,8 @@ Parameter groups are named by regexes matched (`re.match`, so from the start) ag
 `optim.frozen` parameters get no update and no optimizer state (LiT: `('image',)` locks
 image_encoder and image_proj), and `optim.lr_multipliers` scale the updates (learning rate and
 weight decay alike) of the first group a parameter matches. Frozen gradients are zeroed
-before clipping, so they do not count towards the clipped norm.
+before clipping, so they do not count towards the clipped norm. The trainer's loss functions
+also put frozen parameters behind `stop_frozen`, so their gradients are never computed.
 """
 import math
 import re
@@ -51,6 +52,26 @@ def path_name(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
 
+def is_frozen(path, frozen: tuple[str, ...]) -> bool:
+  """Whether a `frozen` regex matches (`re.match`) the name of tree path `path`."""
+  name = path_name(path)
+  return any(re.match(p, name) for p in frozen)
+
+
+def stop_frozen(params, frozen: tuple[str, ...]):
+  """`params` with the leaves that `frozen` regexes match behind `jax.lax.stop_gradient`.
+
+  Applied inside a differentiated loss (before the model runs), it makes the gradients of
+  frozen leaves exact zeros and lets XLA drop the backward work only they need: the weight
+  gradients of a frozen tower and, when nothing trainable comes before it, the backward
+  pass through it. Gradient norms then cover the trainable parameters only.
+  """
+  if not frozen:
+    return params
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.lax.stop_gradient(x) if is_frozen(path, frozen) else x, params)
+
+
 def _groups(optim: ml_collections.ConfigDict
             ) -> tuple[tuple[str, ...], tuple[tuple[str, float], ...]]:
   frozen = tuple(optim.frozen)
@@ -80,9 +101,9 @@ def param_labels(params, frozen: tuple[str, ...],
                        f'start with: {", ".join(groups)}.')
 
   def label(path, _):
-    name = path_name(path)
-    if any(re.match(p, name) for p in frozen):
+    if is_frozen(path, frozen):
       return 'frozen'
+    name = path_name(path)
     return next((f'lr_{i}' for i, (p, _) in enumerate(multipliers) if re.match(p, name)),
                 'default')
   return jax.tree_util.tree_map_with_path(label, params)
@@ -95,7 +116,7 @@ def count_params(params, frozen: tuple[str, ...] = ()) -> tuple[int, int]:
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     size = math.prod(leaf.shape)
     total += size
-    if not any(re.match(p, path_name(path)) for p in frozen):
+    if not is_frozen(path, frozen):
       trainable += size
   return trainable, total
 
