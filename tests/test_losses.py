@@ -89,6 +89,21 @@ def test_same_text_positives_are_refused_where_unsupported():
     objectives.make_outputs_loss_fn(config)
 
 
+def test_same_label_positives_add_one_object_images_of_a_class():
+  """Rows 1 and 3 are one-object images of class 4, row 0 of class 2, rows 2 and 4 have two
+  objects (label -1): (1, 3) and (3, 1) become positives; -1 never matches -1."""
+  ids = jnp.asarray([[1, 7, 2], [1, 8, 2], [1, 9, 2], [1, 5, 2], [1, 6, 2]])
+  batch = {'text_ids': ids, 'text_mask': ids > 0, 'label': jnp.asarray([2, 4, -1, 4, -1])}
+  expected = np.eye(5, dtype=bool)
+  expected[1, 3] = expected[3, 1] = True
+  np.testing.assert_array_equal(objectives.positive_pairs(batch, 'same_label'), expected)
+  np.testing.assert_array_equal(objectives.positive_pairs(batch, 'same_text'), np.eye(5))
+  config = base_config()
+  config.loss.name, config.loss.positives = 'sigmoid', 'same_label'
+  with pytest.raises(ValueError, match='data.labels=True'):
+    objectives.make_outputs_loss_fn(config)
+
+
 def test_softmax_perfect_match_accuracy():
   img = np.eye(4, 8)
   loss, metrics = losses.softmax_contrastive(jnp.asarray(img), jnp.asarray(img), 100.0)

@@ -84,6 +84,20 @@ def test_cross_attention_matches_numpy():
   np.testing.assert_allclose(y, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_head_major_attention_matches_jax_with_mask_and_bias():
+  b, h, lq, lk, k = 2, 3, 4, 5, 8
+  keys = jax.random.split(jax.random.key(0), 5)
+  q, key, value = (jax.random.normal(r, (b, h, length, k))
+                   for r, length in zip(keys[:3], (lq, lk, lk)))
+  bias = jax.random.normal(keys[3], (1, h, lq, lk))
+  mask = jax.random.bernoulli(keys[4], 0.6, (b, 1, lq, lk)).at[..., 0].set(True)
+  out = vnn.attention.head_major_attention(q, key, value, mask, bias)
+  swap = lambda x: jnp.swapaxes(x, 1, 2)  # [B, H, L, K] <-> [B, L, H, K]
+  expected = jax.nn.dot_product_attention(swap(q), swap(key), swap(value), bias=bias,
+                                          mask=mask)
+  np.testing.assert_allclose(out, swap(expected), atol=1e-5, rtol=1e-5)
+
+
 def test_activations():
   x = jnp.linspace(-4.0, 4.0, 9)
   np.testing.assert_allclose(vnn.quick_gelu(x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)

@@ -39,6 +39,21 @@ def test_batches(small_data_cfg, tok):
     assert set(text.split()) & set(shapes.COLORS) and set(text.split()) & set(shapes.SHAPES)
 
 
+def test_labels_name_the_object_of_one_object_images(small_data_cfg, tok):
+  small_data_cfg.labels = True
+  batch, = _take(pipeline.make_train_iterator(small_data_cfg, tok, 64, seed=0), 1)
+  labels = batch['label']
+  assert labels.dtype == np.int32 and labels.shape == (64,)
+  assert 0 < (labels == -1).sum() < 64  # two-object images have no label
+  for label, text in zip(labels, tok.decode_batch(batch['text_ids'])):
+    color, shape = shapes.CLASS_NAMES[label].split() if label >= 0 else (None, None)
+    words = set(text.split())
+    if label >= 0:
+      assert {color, shape} <= words, (text, shapes.CLASS_NAMES[label])
+    else:
+      assert words & set(shapes.COLORS), text  # (the second object may be truncated off)
+
+
 def test_deterministic_for_a_seed(small_data_cfg, tok):
   a = _take(pipeline.make_train_iterator(small_data_cfg, tok, 32, seed=3), 3)
   b = _take(pipeline.make_train_iterator(small_data_cfg, tok, 32, seed=3), 3)

@@ -23,6 +23,8 @@ def base_config() -> ml_collections.ConfigDict:
       flip=False,               # horizontal flip, with left/right swapped in captions
       hard_negatives=False,     # add a false caption per two-object image (for ITM)
       hard_negative_kinds=('relation', 'attribute'),  # its kinds: objects or colours swapped
+      labels=False,             # add `label` [B]: the class of one-object images, -1 for
+                                # others (for loss.positives='same_label')
       vqa=False,                # add one question-answer sequence per image (captioners:
                                 # vqa_ids, vqa_mask, vqa_loss_mask; see data/pipeline.py)
       num_threads=2,
@@ -132,8 +134,10 @@ def base_config() -> ml_collections.ConfigDict:
   # itm_batch_negatives: False = ITM's negatives are only the dataset's false captions
   # (data.hard_negatives), not texts and images drawn from the batch.
   # mlm_mask_id: the [MASK] token id; -1 = the tokenizer's (filled in by the trainer).
-  # positives: 'pair' (image i with caption i only) or 'same_text' (sigmoid: every pair whose
-  # captions are identical is a positive, so repeated captions are not false negatives).
+  # positives: 'pair' (image i with caption i only), 'same_text' (sigmoid: every pair whose
+  # captions are identical is a positive, so repeated captions are not false negatives) or
+  # 'same_label' (sigmoid: also every pair of one-object images of the same class, as
+  # UniCL's image-label-text contrast; needs data.labels=True).
   # weights.caption, weights.vqa: next-token cross-entropy of captions and of VQA answers
   # (captioners; CoCa weighs caption 2, itc 1), with `label_smoothing`.
   c.loss = dict(name='softmax', weights=dict(itc=1.0, itm=1.0, mlm=1.0, caption=0.0, vqa=0.0),

@@ -62,7 +62,7 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
     records_ = source.__getitems__(ids)  # one batched read
   else:
     records_ = [source[i] for i in ids]
-  images, captions, negatives, questions, answers = [], [], [], [], []
+  images, captions, negatives, questions, answers, labels = [], [], [], [], [], []
   for r, record in enumerate(records_):
     features = records.parse(record)
     h = _hash(seed, batch_index * size + r)
@@ -72,6 +72,9 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
     negative = (_hard_negative(features, caption, h, tuple(data_cfg.hard_negative_kinds))
                 if data_cfg.hard_negatives else '')
     question, answer = _question_answer(features, h) if data_cfg.vqa else ('', '')
+    if data_cfg.labels:
+      one_object = records.integer(features, 'num_objects', default=1) == 1
+      labels.append(records.integer(features, 'label') if one_object else -1)
     if data_cfg.flip and h >> 63:
       image, caption = image[:, ::-1], shapes_text.flip_caption(caption)
       negative = shapes_text.flip_caption(negative)
@@ -84,6 +87,8 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
   ids, mask = tokenizer.encode_batch(captions, data_cfg.max_text_len)  # [b, L] each
   batch = {'image': normalize_images(np.stack(images), data_cfg),  # [b, S, S, 3] float32
            'text_ids': ids, 'text_mask': mask}
+  if data_cfg.labels:
+    batch['label'] = np.asarray(labels, np.int32)  # [b]
   if data_cfg.hard_negatives:
     batch['neg_text_ids'], batch['neg_text_mask'] = tokenizer.encode_batch(
         negatives, data_cfg.max_text_len)
@@ -147,6 +152,7 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
   `text_mask` bool [b, L], with b = global_batch_size // process_count, L = max_text_len;
   with `data.hard_negatives` also `neg_text_ids` [b, L], `neg_text_mask` [b, L] and
   `neg_valid` bool [b] (a false caption of the same image, see `_hard_negative`); with
+  `data.labels` also `label` int32 [b] (the class of one-object images, -1 for others); with
   `data.vqa` also `vqa_ids`, `vqa_mask`, `vqa_loss_mask` [b, L] (one of the image's questions
   with its answer, `[BOS] question answer [EOS]`, loss on the answer and EOS; see
   `vlm_jax.data.vqa`).

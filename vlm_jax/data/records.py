@@ -37,3 +37,10 @@ def image(features: Features, key: str = 'image') -> np.ndarray:
 def texts(features: Features, key: str) -> list[str]:
   """A Text or Sequence(Text) feature as a list of strings (empty for an empty sequence)."""
   return [b.decode('utf-8') for b in _feature(features, key).bytes_list.value]
+
+
+def integer(features: Features, key: str, default: int | None = None) -> int:
+  """The first value of an integer feature; `default` (when given) if the record lacks it."""
+  if key not in features and default is not None:
+    return default
+  return int(_feature(features, key).int64_list.value[0])

@@ -1,6 +1,6 @@
 """Cross-attention maps: which image tokens each text token attends to in a fusion layer.
 
-`jax.nn.dot_product_attention` (inside `MultiHeadAttention`) does not return its weights, so
+`MultiHeadAttention` does not return its attention weights, so
 they are recomputed: the model runs once under a flax method interceptor that records the
 inputs of every cross-attention module (a `MultiHeadAttention` named 'cross_attn' called with
 key-value inputs: ALBEF's, Flamingo's and the Q-Former's fusion layers), and the chosen one's

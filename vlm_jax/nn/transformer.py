@@ -84,7 +84,7 @@ class EncoderBlock(nn.Module):
   with the same parameters ('ln1' after attention, 'ln2' after the MLP).
 
   Dropout (rate `dropout_rate`) is applied to both residual branches and after the MLP
-  activation; attention probabilities are not dropped (dot_product_attention has no dropout).
+  activation; attention probabilities are not dropped.
   """
   num_heads: int
   mlp_dim: int

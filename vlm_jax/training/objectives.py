@@ -66,7 +66,7 @@ def contrastive_terms(name: str, outputs: dict, *, axis_name: AxisName | None = 
   """
   if axis_name is None:
     fn = losses.get_loss(name)
-    if 'positives' in outputs:  # loss.positives='same_text' (sigmoid only, checked)
+    if 'positives' in outputs:  # loss.positives other than 'pair' (sigmoid only, checked)
       fn = functools.partial(fn, positives=outputs['positives'])
   else:
     fn = _collective(name, axis_name, block_size)
@@ -94,20 +94,34 @@ def _batch_axes(parallel_cfg) -> AxisName | None:
   return axes or None
 
 
-POSITIVES = ('pair', 'same_text')
+POSITIVES = ('pair', 'same_text', 'same_label')
 
 
 def _check_positives(config: ml_collections.ConfigDict, mesh: Mesh | None,
-                     axis_name: AxisName | None) -> bool:
-  """True for `loss.positives='same_text'`; raises where it is not supported."""
-  check_choice('loss.positives', config.loss.positives, POSITIVES)
-  if config.loss.positives == 'pair':
-    return False
+                     axis_name: AxisName | None) -> str:
+  """`loss.positives`; raises where it is not supported."""
+  positives = config.loss.positives
+  check_choice('loss.positives', positives, POSITIVES)
+  if positives == 'pair':
+    return positives
   sharded = axis_name is not None or (config.loss.sharded and mesh is not None)
   if config.loss.name != 'sigmoid' or sharded or config.train.microbatches > 1:
-    raise ValueError("loss.positives='same_text' needs loss.name='sigmoid', the dense loss "
+    raise ValueError(f"loss.positives={positives!r} needs loss.name='sigmoid', the dense loss "
                      "(loss.sharded=False, parallel.mode='jit') and train.microbatches=1.")
-  return True
+  if positives == 'same_label' and not config.data.labels:
+    raise ValueError("loss.positives='same_label' needs the train batches' labels: set "
+                     'data.labels=True.')
+  return positives
+
+
+def positive_pairs(batch: dict, positives: str) -> jax.Array:
+  """[B, B] bool, the pairs (image i, text j) labelled positive: identical captions and, for
+  'same_label', one-object images of the same class (`batch['label']` >= 0)."""
+  same = matching.identical_rows(batch['text_ids'], batch['text_mask'])
+  if positives == 'same_label':
+    label = batch['label']
+    same = same | ((label[:, None] == label[None, :]) & (label[:, None] >= 0))
+  return same
 
 
 def _contrastive_fn(config: ml_collections.ConfigDict, mesh: Mesh | None,
@@ -178,13 +192,12 @@ def _dual_encoder_loss_fn(model: nn.Module, config: ml_collections.ConfigDict,
   """`make_loss_fn` of a dual encoder: `make_outputs_loss_fn` of `make_embed_fn`."""
   embed_fn = make_embed_fn(model)
   outputs_loss_fn = make_outputs_loss_fn(config, mesh=mesh, axis_name=axis_name)
-  same_text = _check_positives(config, mesh, axis_name)
+  positives = _check_positives(config, mesh, axis_name)
 
   def loss_fn(params, batch, rng):
     outputs = embed_fn(params, batch, rng)
-    if same_text:
-      outputs = {**outputs,
-                 'positives': matching.identical_rows(batch['text_ids'], batch['text_mask'])}
+    if positives != 'pair':
+      outputs = {**outputs, 'positives': positive_pairs(batch, positives)}
     return outputs_loss_fn(outputs)
 
   return loss_fn
