@@ -55,8 +55,11 @@ def one_step(config, initial_state, devices=None):
   return setup, state, jax.device_get(metrics)
 
 
-def max_abs_diff(a, b) -> float:
-  return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+def max_scaled_diff(a, b) -> float:
+  """max |x - y| / (1 + |y|) over all leaves: absolute for small values, relative for large
+  ones (a position-embedding gradient of 13 differs by 1e-5 between layouts, f32 rounding)."""
+  return max(jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.max(np.abs(x - y) / (1.0 + np.abs(y)))), a, b)))
 
 
 @pytest.fixture(scope='module')
@@ -92,8 +95,8 @@ def test_one_step_equals_single_device(layout, stepped):
     assert float(metrics[name]) == pytest.approx(float(value), rel=1e-5, abs=1e-5), name
   assert float(expected['grad_norm']) > 1.0
   assert float(expected['learning_rate']) == pytest.approx(0.1)
-  assert max_abs_diff(jax.device_get(state.params), jax.device_get(expected_state.params)) <= 1e-5
-  assert max_abs_diff(jax.device_get(state.opt_state),
+  assert max_scaled_diff(jax.device_get(state.params), jax.device_get(expected_state.params)) <= 1e-5
+  assert max_scaled_diff(jax.device_get(state.opt_state),
                       jax.device_get(expected_state.opt_state)) <= 1e-5
   assert int(state.step) == 1
   # The same unreplicated TrainState as the checkpoint holds, on the Setup's mesh.
@@ -112,7 +115,7 @@ def test_checkpoint_of_pmap_state_restores_into_fsdp(stepped, tmp_path):
   checkpointer.wait()
   restored, _ = checkpointer.restore(1, fsdp_setup.abstract_state)
   checkpointer.close()
-  assert max_abs_diff(jax.device_get(restored), jax.device_get(fsdp_state)) <= 1e-5
+  assert max_scaled_diff(jax.device_get(restored), jax.device_get(fsdp_state)) <= 1e-5
   kernel = restored.params['text_encoder']['encoder']['block_0']['mlp']['fc2']['kernel']
   assert kernel.sharding == fsdp_setup.state_sharding.params['text_encoder']['encoder'][
       'block_0']['mlp']['fc2']['kernel']
@@ -239,5 +242,5 @@ def test_one_adamw_step_equals_single_device(layout):
   _, expected_state, expected = one_step(single, initial_state, jax.devices()[:1])
   _, state, metrics = one_step(adamw(tiny_config(*LAYOUTS[layout])), initial_state)
   assert float(metrics['loss']) == pytest.approx(float(expected['loss']), rel=1e-5, abs=1e-5)
-  assert max_abs_diff(jax.device_get(state.params), jax.device_get(expected_state.params)) <= 1e-5
-  assert max_abs_diff(jax.device_get(state.params), initial_state.params) > 1e-4
+  assert max_scaled_diff(jax.device_get(state.params), jax.device_get(expected_state.params)) <= 1e-5
+  assert max_scaled_diff(jax.device_get(state.params), initial_state.params) > 1e-4

@@ -3,10 +3,10 @@
 Inside the jitted step, the loss and the global gradient norm decide (`is_finite_step`)
 whether the update is applied (a `lax.cond`): a step whose loss or any gradient is NaN or
 Inf leaves the parameters and the optimizer state (its step count included) exactly as they
-were, and is counted in `Health`. The step number still advances and its batch is consumed. Because the
-optimizer's count does not advance on a skipped step, the learning-rate schedule then runs
-behind the step number by the number of skipped steps; the logged learning rate is the one
-the update used, `schedule(step - skipped)`.
+were, and is counted in `Health`. The step number still advances and its batch is consumed.
+Because the optimizer's count does not advance on a skipped step, the learning-rate schedule
+then runs behind the step number by the number of skipped steps; the logged learning rate is
+the one the update used, `schedule(step - skipped)`.
 
 The host reads `Health` when it logs and before it saves a checkpoint (no extra device sync
 per step) and reacts by mode:
