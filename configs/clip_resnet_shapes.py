@@ -8,8 +8,8 @@ Three stages because 32 px images leave a 2 x 2 final map after the stem (/4) an
 strided stages (/2 each); a fourth would leave 1 x 1. The attention pool outputs embed_dim
 directly (CLIP), so there is no image projection (image.proj=False).
 Result on 2 CPU cores (default variant, seed 0): eval/test_novel/zeroshot_top1 0.964,
-eval/test/zeroshot_top1 0.999, eval/test/i2t_recall@1 0.501 (ViT of clip_shapes.py: 0.885,
-0.999, 0.275), with 358,168 image parameters (the ViT tower and projection: 440,320).
+eval/test/zeroshot_top1 0.999, eval/test/i2t_recall@1 0.501 (ViT of clip_shapes.py: 0.867,
+0.999, 0.301), with 358,168 image parameters (the ViT tower and projection: 440,320).
 Wall time, on 2 cores shared with other engineers' jobs: 12 min 18 s from an existing data
 directory (this run got 1.1 cores on average; 13 min 21 s of CPU time; median step 191 ms,
 fastest logged window 93 ms; the ViT benchmarks at 82 ms); under heavier load (0.6 of a
