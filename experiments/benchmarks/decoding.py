@@ -23,6 +23,7 @@ import sys
 
 from absl import flags
 
+from experiments.benchmarks import timing
 from vlm_jax import cli
 
 _CONFIG = cli.define_config_flag()
@@ -36,17 +37,6 @@ _OUT = flags.DEFINE_string('out', None, 'Write the results as flat JSON to this 
 
 
 DEFAULT_VOCAB = 64  # without a built dataset (and its tokenizer)
-
-
-def _median_seconds(fn, runs: int) -> float:
-  import statistics  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def benchmark(config, batch: int, new_tokens: int, runs: int) -> dict:
@@ -99,7 +89,7 @@ def benchmark(config, batch: int, new_tokens: int, runs: int) -> dict:
     compiled = decoder(init_method, step_method).lower(params, images).compile()
     results[f'{name}_compile_s'] = time.perf_counter() - start
     tokens[name] = np.asarray(compiled(params, images))  # warm-up
-    seconds = _median_seconds(lambda: compiled(params, images).block_until_ready(), runs)
+    seconds = timing.median_seconds(lambda: compiled(params, images).block_until_ready(), runs)
     results[f'{name}_seconds'] = seconds
     results[f'{name}_tokens_per_sec'] = batch * new_tokens / seconds
     results[f'{name}_ms_per_step'] = seconds / new_tokens * 1e3

@@ -52,7 +52,7 @@ def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
 
-class _Placement:
+class Placement:
   """Puts host batches onto a mesh, split over its batch axes; outputs come back replicated.
 
   Every process holds the same host batch; `make_array_from_callback` takes from it the rows
@@ -86,7 +86,7 @@ class Embedder:
     if mesh is None:
       self._put, jit = (lambda x: x), jax.jit
     else:
-      placement = _Placement(mesh, parallel_cfg)
+      placement = Placement(mesh, parallel_cfg)
       batch_size = _round_up(batch_size, placement.num_shards)
       self._put = placement.put
       jit = lambda fn: jax.jit(fn, out_shardings=placement.replicated)

@@ -96,7 +96,7 @@ class Generator:
     if mesh is None:
       self._put, self._fn = (lambda x: x), jax.jit(fn)
     else:
-      placement = runner._Placement(mesh, parallel_cfg)  # pylint: disable=protected-access
+      placement = runner.Placement(mesh, parallel_cfg)
       batch_size = -(-batch_size // placement.num_shards) * placement.num_shards
       self._put = placement.put
       self._fn = jax.jit(fn, out_shardings=placement.replicated)

@@ -76,6 +76,15 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return jnp.einsum('bhqs,bhsk->bhqk', weights, v)
 
 
+def _token_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                           mask: jax.Array | None = None) -> jax.Array:
+  """`head_major_attention` of [B, L, H, K] inputs (the decoding caches' layout), returning
+  [B, Lq, H, K]."""
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  return heads_first(head_major_attention(heads_first(q), heads_first(k), heads_first(v),
+                                          mask))
+
+
 def _param(module: nn.Module, name: str, init: Initializer, shape: tuple[int, ...],
            axes: tuple[str | None, ...], dtype: Dtype) -> jax.Array:
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
@@ -96,7 +105,7 @@ class MultiHeadAttention(nn.Module):
     head_dim: K; defaults to D // H.
     out_features: output width; defaults to D (the query input width).
     use_bias: biases on the projections.
-    dtype: computation dtype (softmax is always float32 inside dot_product_attention).
+    dtype: computation dtype (scores and softmax are always float32).
     param_dtype: parameter dtype.
   """
   num_heads: int
@@ -195,7 +204,7 @@ class MultiHeadAttention(nn.Module):
     """Cross-attention from [B, Lq, D] queries to the keys and values of `project_kv`;
     equals `__call__(inputs_q, inputs_kv, mask)`. Returns [B, Lq, out_features]."""
     q = self._stored_dense(inputs_q, 'query', 'bld,dhk->blhk')  # [B, Lq, H, K]
-    out = jax.nn.dot_product_attention(q, key, value, mask=mask)
+    out = _token_major_attention(q, key, value, mask)
     return self._stored_dense(out, 'out', 'blhk,hkd->bld')
 
   def attend_cached(self, inputs_q: jax.Array, key_cache: jax.Array, value_cache: jax.Array,
@@ -219,6 +228,6 @@ class MultiHeadAttention(nn.Module):
     value_cache = jax.lax.dynamic_update_slice(value_cache, v.astype(value_cache.dtype), start)
     query_pos = index + jnp.arange(inputs_q.shape[1])  # [Lq]
     mask = jnp.arange(key_cache.shape[1])[None, :] <= query_pos[:, None]  # [Lq, M]
-    out = jax.nn.dot_product_attention(q, key_cache.astype(q.dtype), value_cache.astype(q.dtype),
-                                       mask=mask[None, None])  # [B, Lq, H, K]
+    out = _token_major_attention(q, key_cache.astype(q.dtype), value_cache.astype(q.dtype),
+                                 mask[None, None])  # [B, Lq, H, K]
     return self._stored_dense(out, 'out', 'blhk,hkd->bld'), key_cache, value_cache
