@@ -6,8 +6,8 @@ sizes, at an equal number of training examples (Zhai et al., 2023, figure 2).
       [--out=experiments/results/loss_ablation.md]
 
 A sweep (experiments/sweep.py) of configs/siglip_shapes.py over loss.name x train.batch_size
-with loss.positives='pair' (each image's own caption is its only positive, as in the paper),
-so that the loss is the only difference between two runs of a batch size: both have SigLIP's
+with loss.positives='pair' (each image's own caption is its only positive, as in the paper)
+and the captions as they are (data.drop_color_prob=0), so that the loss is the only difference between two runs of a batch size: both have SigLIP's
 temperature init (log 10) and learnable bias (-10, which softmax cannot see: a constant added
 to every logit of a row cancels). Every run trains on the same number of examples (the
 paper's protocol, and equal compute up to the loss's B x B term): steps = examples / batch,
@@ -37,7 +37,8 @@ def make_sweep(examples: int, batch_sizes: list[str], seeds: int, eval_examples:
                workdir: str, extra_sets: tuple[str, ...] = ()) -> sweep_lib.Sweep:
   return sweep_lib.plan(
       CONFIG, [f'loss.name={",".join(LOSSES)}', f'train.batch_size={",".join(batch_sizes)}'],
-      ['loss.positives=pair', f'eval.max_examples={eval_examples}', 'eval.matching=false',
+      ['loss.positives=pair', 'data.drop_color_prob=0', f'eval.max_examples={eval_examples}',
+       'eval.matching=false',
        *extra_sets], seeds, workdir, examples=examples)
 
 
@@ -105,7 +106,8 @@ def main(argv):
     md.write(
         '# Sigmoid vs softmax contrastive loss across batch sizes on `shapes`\n\n'
         f'`{command}`\n\n'
-        'configs/siglip_shapes.py with `loss.positives=pair`, swept over `loss.name` and '
+        'configs/siglip_shapes.py with `loss.positives=pair` and `data.drop_color_prob=0`, '
+        'swept over `loss.name` and '
         '`train.batch_size` by experiments/sweep.py: the two losses share everything else '
         "(towers, SigLIP's temperature init log 10 and bias init -10, optimizer, schedule "
         f'shape). Budget: every run trains on {f.examples:,} examples (steps = '

@@ -12,6 +12,7 @@ from vlm_jax import fusion
 from vlm_jax.data import datasets
 from vlm_jax.data import pipeline
 from vlm_jax.data import records
+from vlm_jax.data import shapes_text
 from vlm_jax.training import trainer
 
 from run_configs import REPO, tiny_config  # pylint: disable=g-bad-import-order
@@ -93,6 +94,37 @@ def test_hard_negatives_in_the_train_stream_are_false_captions(small_data_cfg):
         kinds.add('colors' if negative == caption.replace(colors[0], '#').replace(
             colors[1], colors[0]).replace('#', colors[1]) else 'objects')
   assert kinds == {'colors', 'objects'}
+
+
+def test_position_negatives_mirror_every_position_word(small_data_cfg):
+  mirror = lambda caption: shapes_text.mirror_positions(caption, [], [])
+  assert mirror('a red circle on the left') == 'a red circle on the right'
+  assert mirror('a small red circle in the top left') == 'a small red circle in the bottom right'
+  assert mirror('a red circle above a blue star') == 'a red circle below a blue star'
+  assert mirror('a red circle in the middle') == '' and mirror('a red circle and a star') == ''
+  source = datasets.data_source(small_data_cfg, 'train', raw=True)
+  one_object = 0
+  for index in range(40):
+    features = records.parse(source[index])
+    for caption in records.texts(features, 'captions'):
+      picked = pipeline._hard_negative(features, caption, 0, ('position',))
+      assert picked == mirror(caption)
+      one_object += bool(picked) and len(records.texts(features, 'objects/color')) == 1
+  assert one_object > 0  # unlike the swaps, one-object captions get one too
+  # With all three kinds, the hash picks each of them where all three exist.
+  checked = 0
+  for index in range(40):
+    features = records.parse(source[index])
+    for caption in records.texts(features, 'captions'):
+      each = {pipeline._hard_negative(features, caption, 0, (kind,))
+              for kind in pipeline.HARD_NEGATIVE_KINDS}
+      if '' in each or len(each) < 3:
+        continue
+      picks = {pipeline._hard_negative(features, caption, h << 32,
+                                       pipeline.HARD_NEGATIVE_KINDS) for h in range(3)}
+      assert picks == each
+      checked += 1
+  assert checked > 0
 
 
 def test_hard_negative_kinds_pick_the_swap(small_data_cfg):

@@ -9,6 +9,7 @@ import pytest
 from vlm_jax.data import datasets
 from vlm_jax.data import pipeline
 from vlm_jax.data import shapes
+from vlm_jax.data import shapes_text
 
 
 @pytest.fixture(scope='module')
@@ -116,6 +117,29 @@ def test_flip_mirrors_images_and_swaps_left_right(small_data_cfg, tok):
     else:
       assert flipped_text[i] == plain_text[i]
   assert any('left' in t or 'right' in t for t, f in zip(plain_text, was_flipped) if f)
+
+
+def test_drop_color_removes_only_colour_words(small_data_cfg, tok):
+  assert (shapes_text.drop_colors('a small red circle above a blue star', ['red', 'blue'])
+          == 'a small circle above a star')
+  assert shapes_text.drop_colors('a large square that is red', ['red']) == 'a large square'
+  plain = pipeline.make_train_dataset(small_data_cfg, tok, 64, seed=5)[0]
+  small_data_cfg.drop_color_prob = 0.5
+  dropped = pipeline.make_train_dataset(small_data_cfg, tok, 64, seed=5)[0]
+  np.testing.assert_array_equal(dropped['image'], plain['image'])
+  colors = set(shapes.COLORS)
+  changed = 0
+  for before, after in zip(tok.decode_batch(plain['text_ids']),
+                           tok.decode_batch(dropped['text_ids'])):
+    if before != after:
+      changed += 1
+      assert not colors & set(after.split())
+      assert [w for w in before.split() if w not in colors and w not in ('that', 'is')] == [
+          w for w in after.split() if w not in ('that', 'is')]
+  assert 16 < changed < 48
+  small_data_cfg.drop_color_prob = 1.5
+  with pytest.raises(ValueError, match=r'drop_color_prob=1.5 must be in \[0, 1\]'):
+    pipeline.make_train_dataset(small_data_cfg, tok, 64, seed=5)
 
 
 def test_bad_batch_sizes(small_data_cfg, tok):

@@ -250,6 +250,7 @@ def test_loss_ablation_grid_and_table(tmp_path):
   for run in sweep.runs:
     overrides = dict(run.overrides)
     assert overrides['loss.positives'] == 'pair' and overrides['eval.max_examples'] == '500'
+    assert overrides['data.drop_color_prob'] == '0'  # the captions as they are
     assert run.num_steps * int(overrides['train.batch_size']) == 4096   # equal examples
   values = {run: [0.1 * i, 0.1 * i + 0.05] for i, run in enumerate(sweep.runs[:6])}
   summary = [{'values': (dict(r.cell)['loss.name'], dict(r.cell)['train.batch_size']),

@@ -23,6 +23,9 @@ def base_config() -> ml_collections.ConfigDict:
       flip=False,               # horizontal flip, with left/right swapped in captions
       hard_negatives=False,     # add a false caption per two-object image (for ITM)
       hard_negative_kinds=('relation', 'attribute'),  # its kinds: objects or colours swapped
+                                # ('position': left/right, top/bottom, above/below mirrored)
+      drop_color_prob=0.0,      # shapes: share of train captions with their colour words
+                                # removed ('a red circle' -> 'a circle', still true)
       labels=False,             # add `label` [B]: the class of one-object images, -1 for
                                 # others (for loss.positives='same_label')
       vqa=False,                # add one question-answer sequence per image (captioners:

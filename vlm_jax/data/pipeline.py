@@ -58,6 +58,7 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
   """
   size = len(example_ids)
   ids = [int(i) for i in example_ids]
+  drop_below = int(data_cfg.drop_color_prob * 2.0**64)
   if hasattr(source, '__getitems__'):
     records_ = source.__getitems__(ids)  # one batched read
   else:
@@ -68,6 +69,8 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
     h = _hash(seed, batch_index * size + r)
     options = records.texts(features, 'captions')
     caption = options[h % len(options)]
+    if data_cfg.drop_color_prob and _hash(seed + 1, batch_index * size + r) < drop_below:
+      caption = shapes_text.drop_colors(caption, records.texts(features, 'objects/color'))
     image = records.image(features)  # [S, S, 3] uint8
     negative = (_hard_negative(features, caption, h, tuple(data_cfg.hard_negative_kinds))
                 if data_cfg.hard_negatives else '')
@@ -110,7 +113,7 @@ def _question_answer(features: records.Features, h: int) -> tuple[str, str]:
   return questions[index], answers[index]
 
 
-HARD_NEGATIVE_KINDS = ('relation', 'attribute')
+HARD_NEGATIVE_KINDS = ('relation', 'attribute', 'position')
 
 
 def check_hard_negative_kinds(kinds) -> tuple[str, ...]:
@@ -124,11 +127,12 @@ def check_hard_negative_kinds(kinds) -> tuple[str, ...]:
 
 
 def _hard_negative(features: records.Features, caption: str, h: int,
-                   kinds: tuple[str, ...] = HARD_NEGATIVE_KINDS) -> str:
-  """A false version of `caption` (a caption of this two-object scene): its objects
-  exchanged ('relation') or their colours exchanged ('attribute'), of the `kinds` asked for,
-  picked by bit 62 of the example's hash among those that are surely false; '' when there is
-  none (one object, or a caption that either swap could leave true).
+                   kinds: tuple[str, ...] = ('relation', 'attribute')) -> str:
+  """A false version of `caption`: its two objects exchanged ('relation'), their colours
+  exchanged ('attribute') or its position words mirrored ('position', one-object scenes
+  too), of the `kinds` asked for, picked by the example's hash (bit 62 between two) among
+  those that are surely false; '' when there is none (a caption that every swap asked for
+  could leave true or leaves unchanged).
 
   The negative is made from the caption itself, not from a canonical one, so that the
   pair differs only in the swap: otherwise a matching head can tell the two apart by their
@@ -136,11 +140,14 @@ def _hard_negative(features: records.Features, caption: str, h: int,
   """
   colors = records.texts(features, 'objects/color')
   shapes = records.texts(features, 'objects/shape')
-  swaps = {'relation': shapes_text.swap_objects, 'attribute': shapes_text.swap_colors}
+  swaps = {'relation': shapes_text.swap_objects, 'attribute': shapes_text.swap_colors,
+           'position': shapes_text.mirror_positions}
   options = [n for n in (swaps[k](caption, colors, shapes) for k in kinds) if n]
   if not options:
     return ''
-  return options[(h >> 62) & 1] if len(options) == 2 else options[0]
+  if len(options) == 2:
+    return options[(h >> 62) & 1]
+  return options[(h >> 32) % len(options)]
 
 
 def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer,
@@ -164,6 +171,11 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
     raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
   data_cfg = data_cfg.copy_and_resolve_references()  # later edits must not change the stream
   check_hard_negative_kinds(data_cfg.hard_negative_kinds)
+  if not 0 <= data_cfg.drop_color_prob <= 1 or (data_cfg.drop_color_prob
+                                                 and data_cfg.name != 'shapes'):
+    raise ValueError(f'data.drop_color_prob={data_cfg.drop_color_prob} must be in [0, 1], '
+                     f'and above 0 only for data.name=\'shapes\' (its objects\' colours are '
+                     f'known); data.name is {data_cfg.name!r}.')
   datasets.image_size(data_cfg)  # checks data.image_size
   source = datasets.data_source(data_cfg, data_cfg.train_split, raw=True)
   if len(source) == 0:  # pylint: disable=g-explicit-length-test

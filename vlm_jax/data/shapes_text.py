@@ -174,6 +174,40 @@ def swap_objects(caption: str, colors: list[str], shapes: list[str]) -> str:
   return swapped if swapped != caption else ''
 
 
+def drop_colors(caption: str, colors: list[str]) -> str:
+  """The caption without its colour words, still true of the image: 'a small red circle
+  above a blue star' -> 'a small circle above a star'; 'a large square that is red' ->
+  'a large square'.
+
+  A caption that names a shape but no colour is true of that shape in every colour, which
+  ties the shape's image features to the shape alone (augmentation: `data.drop_color_prob`).
+  """
+  for color in set(colors):
+    caption = re.sub(rf' that is {re.escape(color)}\b', '', caption)
+    caption = re.sub(rf'\b{re.escape(color)} ', '', caption)
+  return caption
+
+
+_MIRROR = {'left': 'right', 'right': 'left', 'top': 'bottom', 'bottom': 'top',
+           'above': 'below', 'below': 'above'}
+_POSITION_WORD = re.compile(rf'\b({"|".join(_MIRROR)})\b')
+
+
+def mirror_positions(caption: str, colors: list[str], shapes: list[str]) -> str:
+  """The caption with every position word mirrored (left/right, top/bottom, above/below),
+  or '' when it has none. Always false: `where` and the relations name sides strictly
+  ('on the left' is x < 0.4, 'on the right' x > 0.6), and one mirrored word suffices.
+
+  'a red circle on the left' -> 'a red circle on the right';
+  'a red circle above a blue star' -> 'a red circle below a blue star'.
+  One object suffices: this is the grounding a relation needs (where is the object named?)
+  without the binding of two objects to two places.
+  """
+  del colors, shapes  # the same signature as the other swaps
+  mirrored = _POSITION_WORD.sub(lambda m: _MIRROR[m.group(0)], caption)
+  return mirrored if mirrored != caption else ''
+
+
 def swap_colors(caption: str, colors: list[str], shapes: list[str]) -> str:
   """A two-object caption with the objects' colours exchanged, or '' when that could leave
   it true (same colours; same shapes without a stated relation) or changes nothing.
