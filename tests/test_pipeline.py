@@ -140,6 +140,9 @@ def test_drop_color_removes_only_colour_words(small_data_cfg, tok):
   small_data_cfg.drop_color_prob = 1.5
   with pytest.raises(ValueError, match=r'drop_color_prob=1.5 must be in \[0, 1\]'):
     pipeline.make_train_dataset(small_data_cfg, tok, 64, seed=5)
+  small_data_cfg.drop_color_prob, small_data_cfg.name = 0.5, 'image_text_folder'
+  with pytest.raises(ValueError, match="only for data.name='shapes'"):
+    pipeline.make_train_dataset(small_data_cfg, tok, 64, seed=5)
 
 
 def test_bad_batch_sizes(small_data_cfg, tok):
