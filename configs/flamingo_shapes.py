@@ -6,6 +6,11 @@ pooled at the EOT token. No MLM: a causal model sees no right context.
   python -m vlm_jax.train --config=configs/flamingo_shapes.py --workdir=runs/flamingo_shapes
 
 Variants: '' (1500 steps, about ALBEF's step time) and 'tiny'.
+Result on 2 CPU cores (default variant, seed 0, data already built): 13 min 5 s wall;
+eval/test/relation_accuracy 0.510 (ITM; chance 0.5), attribute_accuracy 0.980 (0.519 on
+test_novel: colours swapped between seen objects mostly make pairs never seen in training,
+which ITM can reject without binding), itm_accuracy 0.978, zeroshot_top1 0.939 (test) and
+0.327 (test_novel), i2t_recall@1 0.195.
 """
 from vlm_jax.config_utils import sibling_config
 
