@@ -17,6 +17,7 @@ import sys
 from absl import flags
 
 from vlm_jax import cli
+from vlm_jax.training import cpu_backend
 from vlm_jax.training import distributed
 
 _CONFIG = cli.define_config_flag()
@@ -66,11 +67,12 @@ def evaluate_workdir(config, workdir: str | None) -> dict:
 def main(argv: list[str]) -> None:
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  config = cli.load_config(_CONFIG, sys.argv)
+  cpu_backend.configure(config.parallel.cpu_tuning)  # before JAX creates its CPU client
   try:
     distributed.initialize_from_flags()  # before anything else uses JAX
   except ValueError as e:
     raise cli.UserError(str(e)) from None
-  config = cli.load_config(_CONFIG, sys.argv)
   if not _WORKDIR.value and not config.init.pretrained:
     raise cli.UserError('--workdir is required (or --config.init.pretrained=WORKDIR to evaluate '
                         'pretrained parameters)')

@@ -14,6 +14,7 @@ import sys
 from absl import flags
 
 from vlm_jax import cli
+from vlm_jax.training import cpu_backend
 from vlm_jax.training import distributed
 
 _CONFIG = cli.define_config_flag()
@@ -24,11 +25,12 @@ distributed.define_flags()
 def main(argv: list[str]) -> None:
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  config = cli.load_config(_CONFIG, sys.argv)
+  cpu_backend.configure(config.parallel.cpu_tuning)  # before JAX creates its CPU client
   try:
     distributed.initialize_from_flags()  # before anything else uses JAX
   except ValueError as e:
     raise cli.UserError(str(e)) from None
-  config = cli.load_config(_CONFIG, sys.argv)
   if not _WORKDIR.value:
     raise cli.UserError('--workdir is required, e.g. --workdir=runs/clip_shapes')
   from vlm_jax.training import checkpointing, pretrained, trainer  # pylint: disable=g-import-not-at-top

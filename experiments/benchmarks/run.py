@@ -6,7 +6,10 @@
 Everything runs on one device (`jax.devices()[0]`, mesh data=1, `parallel.mode='jit'`), on
 synthetic batches of the config's shapes, except `pipeline_examples_per_sec`, which reads the
 real train stream (the dataset is built on first use, as training would). Prints a table and
-writes the numbers as one flat JSON object (`--out`).
+writes the numbers as one flat JSON object (`--out`). Like `vlm_jax.train`, it applies
+`parallel.cpu_tuning` (vlm_jax/training/cpu_backend.py: synchronous CPU dispatch, host memory
+kept between steps) before JAX starts; the PyTorch peer runs in the same process and so
+shares the malloc settings.
 
 Metrics:
   step_time_ms: median over `--steps` steps after `--warmup` steps, each timed to
@@ -44,6 +47,7 @@ from absl import flags
 
 from experiments.benchmarks import timing
 from vlm_jax import cli
+from vlm_jax.training import cpu_backend
 
 _CONFIG = cli.define_config_flag()
 flags.adopt_module_key_flags(cli)  # `--help` lists --config too
@@ -292,7 +296,8 @@ def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_
   results: dict[str, Any] = {
       'config': config.model.name, 'device_kind': device.device_kind,
       'backend': jax.default_backend(), 'batch_size': config.train.batch_size,
-      'dtype': config.model.dtype, 'vocab_size': vocab, 'steps': steps, 'warmup': warmup}
+      'dtype': config.model.dtype, 'vocab_size': vocab, 'steps': steps, 'warmup': warmup,
+      'cpu_tuning': config.parallel.cpu_tuning}
   peer = torch_peer_step(config, vocab, torch_mode)
   step_metrics, setup, params, jax_seconds, torch_seconds = measure_step(
       config, vocab, steps, warmup, peer[0] if peer else None)
@@ -337,6 +342,7 @@ def main(argv: list[str]) -> None:
   del argv
   logging.getLogger().setLevel(logging.WARNING)
   config = cli.load_config(_CONFIG, sys.argv)
+  cpu_backend.configure(config.parallel.cpu_tuning)  # as vlm_jax.train does
   results = benchmark(config, _STEPS.value, _WARMUP.value, _TORCH.value, _MATMUL.value,
                       _PIPELINE.value)
   results = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)

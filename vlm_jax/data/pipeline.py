@@ -64,8 +64,7 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
   else:
     records_ = [source[i] for i in ids]
   images, captions, negatives, questions, answers, labels = [], [], [], [], [], []
-  for r, record in enumerate(records_):
-    features = records.parse(record)
+  for r, features in enumerate(records.parse_each(records_)):
     h = _hash(seed, batch_index * size + r)
     options = records.texts(features, 'captions')
     caption = options[h % len(options)]

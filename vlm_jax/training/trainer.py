@@ -21,6 +21,7 @@ from vlm_jax.data import pipeline
 from vlm_jax.eval import runner
 from vlm_jax.models import lora
 from vlm_jax.training import checkpointing
+from vlm_jax.training import cpu_backend
 from vlm_jax.training import distributed
 from vlm_jax.training import jit_driver
 from vlm_jax.training import nonfinite
@@ -262,9 +263,12 @@ def _train_steps(config, setup: Setup, state: TrainState, data_iter, dropout_rng
   progress = tqdm.tqdm(total=num_steps, initial=start_step, disable=not writer.enabled,
                        mininterval=1.0 if sys.stderr.isatty() else 30.0, desc='train')
   window_start, window_steps = time.perf_counter(), 0
+  wait_for_inputs = cpu_backend.wait_for_inputs()
   with preemption.Watcher() as notice:
     for step in range(start_step, num_steps):
       batch = setup.device_batch(next(data_iter))
+      if wait_for_inputs:  # so that the step runs inline (cpu_backend)
+        batch = jax.block_until_ready(batch)
       state, metrics = setup.step(state, batch, dropout_rng)
       window_steps += 1
       done = step + 1
