@@ -30,7 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
                                 # others (for loss.positives='same_label')
       vqa=False,                # add one question-answer sequence per image (captioners:
                                 # vqa_ids, vqa_mask, vqa_loss_mask; see data/pipeline.py)
-      num_threads=2,
+      num_threads=1,            # grain reader threads; they share the GIL: on 2 cores one
+                                # reads 32 px `shapes` at 8,400 examples/s, two at 7,400
+                                # (more pay when decoding dominates: large JPEGs)
       prefetch=4,
       # image_text_folder (vlm_jax/data/image_text_folder.py): `path` is a folder with
       # captions.csv or captions.jsonl (columns image, caption, optional label, split), or
@@ -167,7 +169,8 @@ def base_config() -> ml_collections.ConfigDict:
       mode='jit',               # 'jit' | 'pmap'
       # CPU backend: synchronous dispatch and host memory kept by malloc between steps, so
       # a step does not page-fault its temp buffer in again (vlm_jax/training/cpu_backend.py;
-      # clip_shapes.py 104 -> 76 ms per step on 2 cores). Read by vlm_jax.train/evaluate.
+      # clip_shapes.py trains at 1,465 instead of 1,140 examples/s on 2 cores). Read by
+      # vlm_jax.train and vlm_jax.evaluate at start-up.
       cpu_tuning=True,
       mesh=dict(data=-1, fsdp=1, tensor=1),  # sizes; one may be -1 (the remaining devices)
       # 'fsdp' before 'data': the other order gives silently wrong gradients in jax 0.10.2

@@ -285,7 +285,7 @@ def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_
   from vlm_jax.training import trainer  # pylint: disable=g-import-not-at-top
   single_device_config(config)
   device = jax.devices()[0]
-  pipeline_rate, tokenizer = (measure_pipeline(config, max(steps, 5)) if with_pipeline
+  pipeline_rate, tokenizer = (measure_pipeline(config, max(steps, 100)) if with_pipeline
                               else (None, None))
   tokenizer = tokenizer or datasets.tokenizer_if_built(config.data)
   if tokenizer is not None:
