@@ -20,8 +20,10 @@ system time per `clip_shapes.py` step of 104 ms.
     blocks, which is why the input pipeline parses records into one reused message
     (`vlm_jax.data.records.parse_each`).
 The process then keeps its peak host memory instead of handing it back between steps (as
-a GPU framework's caching allocator keeps device memory). Dispatch must be chosen before JAX creates its CPU client:
-call `configure` before the first computation or `jax.devices()`.
+a GPU framework's caching allocator keeps device memory). Dispatch must be chosen before
+JAX creates its CPU client: call `configure` before the first computation or
+`jax.devices()`. With several local CPU devices (`--xla_force_host_platform_device_count`)
+XLA still runs each device's share on a worker thread, and the faults remain.
 
 Synchronous dispatch only changes when Python regains control (after the step instead of
 before it): results are bit-identical, and it does not affect GPU or TPU backends.
