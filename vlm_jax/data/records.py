@@ -26,9 +26,11 @@ def parse_each(serialized: Iterable[bytes]) -> Iterator[Features]:
   Why not `parse` in a loop: protobuf's upb runtime calls `malloc_trim(0)` after every
   10,000 blocks it frees, and a freshly parsed message frees a few blocks when it dies. A
   trim hands every free page of the process back to the kernel, XLA's temp buffer between
-  two train steps included, which the next step then page-faults in again (~20,000 faults
-  per `clip_shapes.py` step, see vlm_jax/training/cpu_backend.py). One message per call
-  frees its blocks once, when the call ends.
+  two train steps included, which the next step then page-faults in again (see
+  vlm_jax/training/cpu_backend.py): on `clip_shapes.py`, 310 faults per step on average
+  with `parse`, none with `parse_each`; the larger the temp buffer, the dearer each trim.
+  One message per call frees its blocks once, when the call ends (a reused message parses
+  in 7 us instead of 3).
   """
   message = tf_example_pb2.Example()
   for record in serialized:
