@@ -1,7 +1,7 @@
 """Settings that make jitted steps faster on JAX's CPU backend (`parallel.cpu_tuning`).
 
 XLA's CPU runtime allocates one temporary buffer per execution (the step's activations,
-`compiled.memory_analysis().temp_size_in_bytes`: 127 MB for `clip_shapes.py`, 3.2 GB for its
+`compiled.memory_analysis().temp_size_in_bytes`: 127 MB for `clip_shapes.py`, 2.3 GB for its
 `bench` variant) with malloc and frees it at the end. glibc serves a block that large with a
 fresh `mmap` and returns it with `munmap`, so every step page-faults its whole temp buffer in
 again and the kernel zeroes it: measured on a 2-core Xeon, 31,500 page faults and 53 ms of
