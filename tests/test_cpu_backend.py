@@ -27,16 +27,17 @@ print(json.dumps(dict(kept=kept, faults=faults, values=values, wait=cpu_backend.
 """
 
 
-def _probe(tuned: bool) -> dict:
-  out = subprocess.run([sys.executable, '-c', _PROBE, '1' if tuned else '0'],
-                       capture_output=True, text=True, timeout=300, check=True,
+def _run(probe: str, arg: str) -> dict:
+  """The JSON line that `probe` prints last, run in a fresh interpreter with `arg`."""
+  out = subprocess.run([sys.executable, '-c', probe, arg], capture_output=True, text=True,
+                       timeout=300, check=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc settings')
 def test_tuned_calls_reuse_their_temp_buffer():
-  tuned, default = _probe(True), _probe(False)
+  tuned, default = _run(_PROBE, '1'), _run(_PROBE, '0')
   assert tuned['temp'] > 64 * 2 ** 20
   assert tuned['kept'] and not default['kept']
   assert tuned['wait'] and not default['wait']  # the train loop waits for its batches
@@ -93,12 +94,8 @@ print(json.dumps({'faults': resource.getrusage(resource.RUSAGE_SELF).ru_minflt -
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc malloc settings')
 def test_parsing_records_leaves_freed_memory_in_place():
-  def faults(mode):
-    out = subprocess.run([sys.executable, '-c', _TRIM_PROBE, mode], capture_output=True,
-                         text=True, timeout=120, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])['faults']
   pages = (100 << 20) / 4096
-  one_by_one = faults('one_by_one')
+  one_by_one = _run(_TRIM_PROBE, 'one_by_one')['faults']
   if one_by_one < 0.25 * pages:
     pytest.skip(f'protobuf did not trim the heap here ({one_by_one} faults): nothing to compare')
-  assert faults('each') < 0.01 * pages
+  assert _run(_TRIM_PROBE, 'each')['faults'] < 0.01 * pages

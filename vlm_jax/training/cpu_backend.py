@@ -12,8 +12,8 @@ system time per `clip_shapes.py` step of 104 ms.
     calling thread, whose allocations come from glibc's main heap; with asynchronous dispatch
     they happen on worker threads whose heaps cannot hold blocks over 64 MB and fall back to
     mmap whatever the settings. A step whose inputs are still being copied to the device
-    is deferred to a worker thread all the same, so the train loop waits for each batch
-    first (`wait_for_inputs`);
+    is deferred to a worker thread all the same, so `trainer.Setup.device_batch` waits for
+    each batch's copy (`wait_for_inputs`);
   - `mallopt(M_MMAP_MAX, 0)` and `mallopt(M_TRIM_THRESHOLD, -1)`: the main heap serves every
     block and keeps what is freed, so the next step reuses the same pages. An explicit
     `malloc_trim` still hands them back: protobuf's parser calls one every 10,000 freed

@@ -144,8 +144,12 @@ class Setup:
     return self.driver.step(state, batch, rng)
 
   def device_batch(self, host_batch: dict) -> dict:
-    """Places this process's part of the global batch onto the devices, as `step` takes it."""
-    return self.driver.device_batch(host_batch)
+    """Places this process's part of the global batch onto the devices, as `step` takes it.
+
+    Under `parallel.cpu_tuning` it returns once the copy is done, so that the step runs
+    inline on the calling thread (`cpu_backend.wait_for_inputs`)."""
+    batch = self.driver.device_batch(host_batch)
+    return jax.block_until_ready(batch) if cpu_backend.wait_for_inputs() else batch
 
 
 def _init_boxed_params(model: nn.Module, batch: dict, rng: jax.Array) -> Any:
@@ -263,12 +267,9 @@ def _train_steps(config, setup: Setup, state: TrainState, data_iter, dropout_rng
   progress = tqdm.tqdm(total=num_steps, initial=start_step, disable=not writer.enabled,
                        mininterval=1.0 if sys.stderr.isatty() else 30.0, desc='train')
   window_start, window_steps = time.perf_counter(), 0
-  wait_for_inputs = cpu_backend.wait_for_inputs()
   with preemption.Watcher() as notice:
     for step in range(start_step, num_steps):
       batch = setup.device_batch(next(data_iter))
-      if wait_for_inputs:  # so that the step runs inline (cpu_backend)
-        batch = jax.block_until_ready(batch)
       state, metrics = setup.step(state, batch, dropout_rng)
       window_steps += 1
       done = step + 1
