@@ -98,6 +98,17 @@ def test_head_major_attention_matches_jax_with_mask_and_bias():
   np.testing.assert_allclose(out, swap(expected), atol=1e-5, rtol=1e-5)
 
 
+def test_dense_matches_numpy_on_any_leading_axes():
+  x = np.random.RandomState(0).randn(2, 3, 5, 4).astype(np.float32)
+  layer = vnn.transformer.Dense(6)
+  params = _random_params(layer.init(jax.random.key(0), x[0, 0]))
+  kernel, bias = (np.asarray(params['params'][n]) for n in ('kernel', 'bias'))
+  for inputs in (x, x[0], x[0, 0], x[0, 0, 0]):  # [2, 3, 5, 4] ... [4]
+    out = layer.apply(params, inputs)
+    assert out.shape == inputs.shape[:-1] + (6,)
+    np.testing.assert_allclose(out, inputs @ kernel + bias, rtol=1e-5, atol=1e-5)
+
+
 def test_activations():
   x = jnp.linspace(-4.0, 4.0, 9)
   np.testing.assert_allclose(vnn.quick_gelu(x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from vlm_jax.nn.attention import causal_mask
 from vlm_jax.nn.decoder import DecoderBlock
 from vlm_jax.nn.embeddings import text_embeddings
+from vlm_jax.nn.ops import tied_logits
 from vlm_jax.nn.transformer import dense, layer_norm
 
 Dtype = Any
@@ -78,7 +79,7 @@ class CausalLM(nn.Module):
     """[B, L, D] -> [B, L, V] float32."""
     x = self.ln_final(x).astype(jnp.float32)
     if self.tie_embeddings:
-      return jnp.einsum('bld,vd->blv', x, self.token_embed.embedding.astype(jnp.float32))
+      return tied_logits(x, self.token_embed.embedding)
     return self.lm_head(x)
 
   def caption_logits(self, context: jax.Array | None, text_ids: jax.Array,

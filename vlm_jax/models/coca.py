@@ -32,7 +32,7 @@ from vlm_jax.models.dual_encoder import PROJ_INIT, LearnedTemperature
 from vlm_jax.nn.attention import causal_mask, combine_masks, padding_mask
 from vlm_jax.nn.decoder import DecoderBlock
 from vlm_jax.nn.embeddings import text_embeddings
-from vlm_jax.nn.ops import l2_normalize
+from vlm_jax.nn.ops import l2_normalize, tied_logits
 from vlm_jax.nn.pooling import AttentionalPooler
 from vlm_jax.nn.transformer import dense, layer_norm
 
@@ -164,7 +164,7 @@ class CoCa(LearnedTemperature, nn.Module):
     """[B, L, D] -> [B, L, V] float32."""
     x = self.ln_final(x).astype(jnp.float32)
     if self.tie_embeddings:
-      return jnp.einsum('bld,vd->blv', x, self.token_embed.embedding.astype(jnp.float32))
+      return tied_logits(x, self.token_embed.embedding)
     return self.lm_head(x)
 
   def _multimodal(self, x: jax.Array, context: jax.Array, deterministic: bool) -> jax.Array:

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.nn.ops import tied_logits
 from vlm_jax.nn.transformer import activation_fn, dense, layer_norm
 
 Dtype = Any
@@ -58,8 +59,7 @@ class MlmHead(nn.Module):
         activation_fn(self.activation)(h))  # [B, L, D]
     bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, ('vocab',)),
                       (vocab,), self.param_dtype)
-    logits = jnp.einsum('bld,vd->blv', h.astype(jnp.float32), embedding.astype(jnp.float32))
-    return logits + bias.astype(jnp.float32)
+    return tied_logits(h, embedding) + bias.astype(jnp.float32)
 
 
 class MaskedLM(nn.Module):
