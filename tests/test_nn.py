@@ -109,6 +109,30 @@ def test_dense_matches_numpy_on_any_leading_axes():
     np.testing.assert_allclose(out, inputs @ kernel + bias, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_low_precision_products_and_their_gradients_match_float32(dtype):
+  rng = np.random.RandomState(0)
+  x, w, b = rng.randn(6, 8), rng.randn(8, 3), rng.randn(3)
+  q, k = rng.randn(2, 3, 5, 4), rng.randn(2, 3, 7, 4)
+  cases = [  # (ours, the float32 reference (jax's own gradients), inputs)
+      (vnn.ops.affine, lambda x, w, b: x @ w + b, (x, w, b)),
+      (lambda q, k: vnn.ops.einsum('bhqk,bhsk->bhqs', q, k, out_dtype=jnp.float32),
+       lambda q, k: jnp.einsum('bhqk,bhsk->bhqs', q, k), (q, k))]
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2  # bf16 inputs: 8 bits of mantissa
+  for ours, reference, inputs in cases:
+    inputs32 = [jnp.asarray(a, jnp.float32) for a in inputs]
+    low = [a.astype(dtype) for a in inputs32]
+    loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a).astype(jnp.float32)))
+    out, grads = jax.value_and_grad(loss(ours), range(len(low)))(*low)
+    ref, ref_grads = jax.value_and_grad(loss(reference), range(len(low)))(*inputs32)
+    np.testing.assert_allclose(out, ref, rtol=tol, atol=tol * abs(float(ref)))
+    for g, r, a in zip(grads, ref_grads, low):
+      assert g.dtype == a.dtype
+      np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=tol, atol=tol * np.abs(r).max())
+  with pytest.raises(ValueError, match='summed out alone'):
+    vnn.ops.einsum('nk,m->n', low[0], low[0][0, :1])
+
+
 def test_activations():
   x = jnp.linspace(-4.0, 4.0, 9)
   np.testing.assert_allclose(vnn.quick_gelu(x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)

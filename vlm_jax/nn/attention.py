@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.nn import ops
+
 Dtype = Any
 Initializer = nn.initializers.Initializer
 
@@ -68,13 +70,13 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     [B, H, Lq, K].
   """
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-  logits = jnp.einsum('bhqk,bhsk->bhqs', q * scale, k, preferred_element_type=jnp.float32)
+  logits = ops.einsum('bhqk,bhsk->bhqs', q * scale, k, out_dtype=jnp.float32)
   if bias is not None:
     logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask.astype(bool), logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqs,bhsk->bhqk', weights, v)
+  return ops.einsum('bhqs,bhsk->bhqk', weights, v)
 
 
 def token_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -133,10 +135,10 @@ class MultiHeadAttention(nn.Module):
     """[..., *kernel.shape[:num_in]] `x` times `kernel`, plus `bias`, as one 2-D matmul
     [N, in] x [in, out] (see `__call__`): [..., *kernel.shape[num_in:]]."""
     fan_in = math.prod(kernel.shape[:num_in])
-    y = (x.reshape(-1, fan_in).astype(self.dtype)
-         @ kernel.reshape(fan_in, -1).astype(self.dtype))
-    y = y.reshape(*x.shape[:x.ndim - num_in], *kernel.shape[num_in:])
-    return y if bias is None else y + bias.astype(self.dtype)
+    flat_bias = None if bias is None else bias.reshape(-1).astype(self.dtype)
+    y = ops.affine(x.reshape(-1, fan_in).astype(self.dtype),
+                   kernel.reshape(fan_in, -1).astype(self.dtype), flat_bias)
+    return y.reshape(*x.shape[:x.ndim - num_in], *kernel.shape[num_in:])
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None,
