@@ -23,7 +23,7 @@ from vlm_jax.eval import matching
 from vlm_jax.eval import retrieval
 from vlm_jax.eval import zeroshot
 from vlm_jax.inference import generation
-from vlm_jax.training import partitioning
+from vlm_jax.training import cpu_backend, partitioning
 
 
 def batched(fn: Callable[..., Any], batch_size: int, *arrays: np.ndarray) -> np.ndarray:
@@ -84,12 +84,15 @@ class Embedder:
     apply = lambda method: lambda p, *xs: model.apply({'params': p}, *xs, method=method)
     mesh = params_mesh(params) if parallel_cfg is not None else None
     if mesh is None:
-      self._put, jit = (lambda x: x), jax.jit
+      put, jit = jax.device_put, jax.jit
     else:
       placement = Placement(mesh, parallel_cfg)
       batch_size = _round_up(batch_size, placement.num_shards)
-      self._put = placement.put
+      put = placement.put
       jit = lambda fn: jax.jit(fn, out_shardings=placement.replicated)
+    # As the trainer's batches: on inputs still in flight a CPU call would run on a worker
+    # thread, and fault its temp buffer in afresh.
+    self._put = (lambda x: jax.block_until_ready(put(x))) if cpu_backend.wait_for_inputs() else put
     self._image, self._text = jit(apply(model.encode_image)), jit(apply(model.encode_text))
     # A fusion model's tower tokens and ITM match scores (see FusionEncoder).
     self.can_match = hasattr(model, 'match_score')
