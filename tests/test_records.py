@@ -37,3 +37,49 @@ def test_parse_each_on_dataset_records(small_data_cfg):
     alone = records.parse(record)
     np.testing.assert_array_equal(records.image(features), records.image(alone))
     assert records.texts(features, 'captions') == records.texts(alone, 'captions')
+
+
+def _image_record(img, format_, **save) -> bytes:
+  import io  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  img.save(buffer, format=format_, **save)
+  example = tf_example_pb2.Example()
+  example.features.feature['image'].bytes_list.value.append(buffer.getvalue())
+  return example.SerializeToString()
+
+
+def test_image_decodes_like_pil_for_every_kind_of_file():
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  smooth = np.cumsum(rng.randint(0, 3, (37, 23, 3)), axis=1).astype(np.uint8)  # varied filters
+  noise = rng.randint(0, 256, (64, 48, 3)).astype(np.uint8)
+  large = rng.randint(0, 256, (200, 190, 3)).astype(np.uint8)  # PIL splits its IDAT chunks
+  cases = [(Image.fromarray(a), 'PNG', {}) for a in (smooth, noise, large)]
+  cases += [(Image.fromarray(noise), 'PNG', {'compress_level': 0}),  # stored blocks
+            (Image.fromarray(smooth), 'PNG', {'optimize': True}),
+            (Image.fromarray(noise).convert('RGBA'), 'PNG', {}),   # PIL's path: RGBA -> RGB
+            (Image.fromarray(noise).convert('L'), 'PNG', {}),      # grey -> RGB
+            (Image.fromarray(noise).convert('P'), 'PNG', {}),      # palette -> RGB
+            (Image.fromarray(noise), 'JPEG', {'quality': 90})]
+  for img, format_, save in cases:
+    features = records.parse(_image_record(img, format_, **save))
+    got = records.image(features)
+    assert got.dtype == np.uint8 and got.shape == (img.height, img.width, 3)
+    np.testing.assert_array_equal(got, np.asarray(img.convert('RGB')) if format_ == 'PNG'
+                                  else got)  # JPEG: lossy, its shape is checked above
+    encoded = features['image'].bytes_list.value[0]
+    plain = records._plain_rgb_png(encoded)  # pylint: disable=protected-access
+    assert (plain is not None) == (format_ == 'PNG' and img.mode == 'RGB')
+
+
+def test_a_damaged_png_is_an_error_not_an_image():
+  import pytest  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  noise = np.random.RandomState(0).randint(0, 256, (16, 16, 3)).astype(np.uint8)
+  record = records.parse(_image_record(Image.fromarray(noise), 'PNG'))
+  encoded = bytearray(record['image'].bytes_list.value[0])
+  encoded[60:80] = bytes(20)  # inside the compressed pixels
+  example = tf_example_pb2.Example()
+  example.features.feature['image'].bytes_list.value.append(bytes(encoded))
+  with pytest.raises((OSError, ValueError, SyntaxError)):
+    records.image(records.parse(example.SerializeToString()))

