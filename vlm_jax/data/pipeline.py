@@ -63,21 +63,26 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
     records_ = source.__getitems__(ids)  # one batched read
   else:
     records_ = [source[i] for i in ids]
+  # The config's fields, read once (a ConfigDict lookup costs about 1 us).
+  drop_color, with_negatives, with_vqa, with_labels, flip = (
+      data_cfg.drop_color_prob, data_cfg.hard_negatives, data_cfg.vqa, data_cfg.labels,
+      data_cfg.flip)
+  negative_kinds = tuple(data_cfg.hard_negative_kinds)
   images, captions, negatives, questions, answers, labels = [], [], [], [], [], []
   for r, features in enumerate(records.parse_each(records_)):
     h = _hash(seed, batch_index * size + r)
     options = records.texts(features, 'captions')
     caption = options[h % len(options)]
-    if data_cfg.drop_color_prob and _hash(seed + 1, batch_index * size + r) < drop_below:
+    if drop_color and _hash(seed + 1, batch_index * size + r) < drop_below:
       caption = shapes_text.drop_colors(caption, records.texts(features, 'objects/color'))
     image = records.image(features)  # [S, S, 3] uint8
-    negative = (_hard_negative(features, caption, h, tuple(data_cfg.hard_negative_kinds))
-                if data_cfg.hard_negatives else '')
-    question, answer = _question_answer(features, h) if data_cfg.vqa else ('', '')
-    if data_cfg.labels:
+    negative = (_hard_negative(features, caption, h, negative_kinds) if with_negatives
+                else '')
+    question, answer = _question_answer(features, h) if with_vqa else ('', '')
+    if with_labels:
       one_object = records.integer(features, 'num_objects', default=1) == 1
       labels.append(records.integer(features, 'label') if one_object else -1)
-    if data_cfg.flip and h >> 63:
+    if flip and h >> 63:
       image, caption = image[:, ::-1], shapes_text.flip_caption(caption)
       negative = shapes_text.flip_caption(negative)
       question = shapes_text.flip_caption(question)
