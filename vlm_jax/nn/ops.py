@@ -45,7 +45,7 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
   forward and both backward products take low-precision inputs and accumulate in float32.
 
   XLA's CPU backend runs such a product as one bf16 x bf16 -> f32 kernel (AMX where the CPU
-  has it: 0.5-0.9 TFLOP/s on 2 Xeon cores), while it computes a bf16 -> bf16 dot, or the
+  has it: 0.5-1.3 TFLOP/s on 2 Xeon cores), while it computes a bf16 -> bf16 dot, or the
   mixed-dtype dots that autodiff makes of a `preferred_element_type=float32` product, by
   converting to float32 first (0.2 TFLOP/s). GPUs and TPUs accumulate in float32 anyway.
   Every index must appear in the output or in both operands (so that each gradient is again
