@@ -90,9 +90,7 @@ class Embedder:
       batch_size = _round_up(batch_size, placement.num_shards)
       put = placement.put
       jit = lambda fn: jax.jit(fn, out_shardings=placement.replicated)
-    # As the trainer's batches: on inputs still in flight a CPU call would run on a worker
-    # thread, and fault its temp buffer in afresh.
-    self._put = (lambda x: jax.block_until_ready(put(x))) if cpu_backend.wait_for_inputs() else put
+    self._put = lambda x: cpu_backend.ready(put(x))  # as the trainer's batches
     self._image, self._text = jit(apply(model.encode_image)), jit(apply(model.encode_text))
     # A fusion model's tower tokens and ITM match scores (see FusionEncoder).
     self.can_match = hasattr(model, 'match_score')

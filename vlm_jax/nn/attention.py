@@ -3,7 +3,6 @@
 Masks are boolean, True where a query may attend to a key, shaped [B | 1, 1, Lq, Lk] so that
 they broadcast over heads; `combine_masks` ANDs any number of them (None is skipped).
 """
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -132,13 +131,10 @@ class MultiHeadAttention(nn.Module):
 
   def _dense(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
              num_in: int) -> jax.Array:
-    """[..., *kernel.shape[:num_in]] `x` times `kernel`, plus `bias`, as one 2-D matmul
-    [N, in] x [in, out] (see `__call__`): [..., *kernel.shape[num_in:]]."""
-    fan_in = math.prod(kernel.shape[:num_in])
-    flat_bias = None if bias is None else bias.reshape(-1).astype(self.dtype)
-    y = ops.affine(x.reshape(-1, fan_in).astype(self.dtype),
-                   kernel.reshape(fan_in, -1).astype(self.dtype), flat_bias)
-    return y.reshape(*x.shape[:x.ndim - num_in], *kernel.shape[num_in:])
+    """[..., *kernel.shape[:num_in]] `x` times `kernel`, plus `bias`, in `self.dtype`:
+    [..., *kernel.shape[num_in:]] (`ops.flat_affine`, see `__call__`)."""
+    return ops.flat_affine(x.astype(self.dtype), kernel.astype(self.dtype),
+                           None if bias is None else bias.astype(self.dtype), num_in)
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None,

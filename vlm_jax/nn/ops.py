@@ -1,5 +1,6 @@
 """Small numerical helpers shared by models."""
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -92,8 +93,22 @@ def affine(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Arr
   return _low_precision_affine(x, w, bias)
 
 
+def flat_affine(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
+                num_in: int = 1) -> jax.Array:
+  """[..., *in] x kernel [*in, *out] (+ bias [*out]) -> [..., *out], as one `affine` of
+  [N, prod(in)] x [prod(in), prod(out)].
+
+  On a [B, L, D] input XLA's dot canonicalisation contracts the weight gradient over two
+  axes and, on CPU, first copies an operand to a transposed layout; the 2-D form needs no
+  copy (13% off `configs/clip_shapes.py`'s step on CPU for the MLPs, 8% more for the
+  attention). Elsewhere the reshapes are free.
+  """
+  fan_in = math.prod(kernel.shape[:num_in])
+  y = affine(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1),
+             None if bias is None else bias.reshape(-1))
+  return y.reshape(*x.shape[:x.ndim - num_in], *kernel.shape[num_in:])
+
+
 def tied_logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
-  """[..., D] x [V, D] token embedding -> [..., V] float32 logits, as one 2-D matmul (see
-  `vlm_jax.nn.transformer.Dense` for why not a 3-D einsum)."""
-  flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32) @ embedding.astype(jnp.float32).T
-  return flat.reshape(*x.shape[:-1], embedding.shape[0])
+  """[..., D] x [V, D] token embedding -> [..., V] float32 logits, by `flat_affine`."""
+  return flat_affine(x.astype(jnp.float32), embedding.astype(jnp.float32).T)

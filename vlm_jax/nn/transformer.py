@@ -56,14 +56,8 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.La
 
 
 class Dense(nn.Dense):
-  """nn.Dense (same parameters) computed as one [N, in] x [in, out] `ops.affine`: the
-  leading axes of [..., in] inputs are merged first, and low-precision products accumulate
-  in float32.
-
-  On a 3-D input XLA's dot canonicalisation contracts the weight gradient over two axes and,
-  on CPU, copies an operand to a transposed layout first; the 2-D form needs no copy (13%
-  off `configs/clip_shapes.py`'s step on CPU). Elsewhere the reshape is free.
-  """
+  """nn.Dense (same parameters) computed by `ops.flat_affine`: one [N, in] x [in, out]
+  product, low-precision ones accumulated in float32."""
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -72,9 +66,8 @@ class Dense(nn.Dense):
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     dtype = self.dtype or jnp.result_type(inputs, kernel)
-    flat = ops.affine(inputs.reshape(-1, inputs.shape[-1]).astype(dtype), kernel.astype(dtype),
-                      None if bias is None else bias.astype(dtype))
-    return flat.reshape(*inputs.shape[:-1], self.features)
+    return ops.flat_affine(inputs.astype(dtype), kernel.astype(dtype),
+                           None if bias is None else bias.astype(dtype))
 
 
 def dense(features: int, axes: tuple[str | None, str | None], dtype: Dtype, param_dtype: Dtype,

@@ -69,6 +69,12 @@ def configure(enabled: bool = True) -> bool:
   return kept
 
 
+def ready(tree):
+  """`tree` of device arrays, once their copies are done where `wait_for_inputs` (else as
+  is): what the trainer and the evaluator pass to their jitted calls."""
+  return jax.block_until_ready(tree) if wait_for_inputs() else tree
+
+
 def wait_for_inputs() -> bool:
   """Whether a step's inputs should be ready before it is called: true on the CPU backend
   with synchronous dispatch, where a step called on inputs still in flight runs later on a

@@ -148,8 +148,7 @@ class Setup:
 
     Under `parallel.cpu_tuning` it returns once the copy is done, so that the step runs
     inline on the calling thread (`cpu_backend.wait_for_inputs`)."""
-    batch = self.driver.device_batch(host_batch)
-    return jax.block_until_ready(batch) if cpu_backend.wait_for_inputs() else batch
+    return cpu_backend.ready(self.driver.device_batch(host_batch))
 
 
 def _init_boxed_params(model: nn.Module, batch: dict, rng: jax.Array) -> Any:
