@@ -78,11 +78,30 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   return ops.einsum('bhqs,bhsk->bhqk', weights, v)
 
 
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                    bias: jax.Array | None = None) -> jax.Array | None:
+  """cuDNN's fused (flash) attention of [B, L, H, K] inputs, [B, Lq, H, K], or None where it
+  does not apply: off GPU, outside bf16/f16, or on shapes that cuDNN rejects (JAX checks them
+  when tracing: e.g. a mask or bias on odd sequence lengths in training, head dims that are
+  not a multiple of 8). Same arithmetic as `head_major_attention`: float32 scores and
+  softmax; it never materialises the [B, H, Lq, Lk] scores."""
+  if (jax.default_backend() != 'gpu' or q.dtype not in ops.LOW_PRECISION
+      or not q.dtype == k.dtype == v.dtype):
+    return None
+  try:
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation='cudnn')
+  except (NotImplementedError, ValueError, RuntimeError):
+    return None
+
+
 def token_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           mask: jax.Array | None = None,
                           bias: jax.Array | None = None) -> jax.Array:
   """`head_major_attention` of [B, L, H, K] inputs (the projections' and the decoding caches'
-  layout), returning [B, Lq, H, K]."""
+  layout), returning [B, Lq, H, K]; on GPU `cudnn_attention` where it applies."""
+  fused = cudnn_attention(q, k, v, mask, bias)
+  if fused is not None:
+    return fused
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)
   return heads_first(head_major_attention(heads_first(q), heads_first(k), heads_first(v),
                                           mask, bias))

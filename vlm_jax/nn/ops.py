@@ -20,6 +20,12 @@ def _accumulated(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(dtype)
 
 
+def _cpu_low_precision(a: jax.Array, b: jax.Array) -> bool:
+  """Whether `einsum` and `affine` take their float32-accumulating bf16/f16 path."""
+  return (a.dtype == b.dtype and a.dtype in LOW_PRECISION
+          and jax.default_backend() == 'cpu')
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
 def _low_precision_einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype) -> jax.Array:
   return _accumulated(spec, a, b, out_dtype)
@@ -48,8 +54,9 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
   XLA's CPU backend runs such a product as one bf16 x bf16 -> f32 kernel (AMX where the CPU
   has it: 0.5-1.3 TFLOP/s on 2 Xeon cores), while it computes a bf16 -> bf16 dot, or the
   mixed-dtype dots that autodiff makes of a `preferred_element_type=float32` product, by
-  converting to float32 first (0.2 TFLOP/s). GPUs and TPUs accumulate in float32 anyway.
-  Every index must appear in the output or in both operands (so that each gradient is again
+  converting to float32 first (0.2 TFLOP/s). GPUs and TPUs accumulate a low-precision dot in
+  float32 anyway, and a float32 result would cost them memory traffic and a conversion: on
+  them (any backend but 'cpu') this is the plain `jnp.einsum`. Every index must appear in the output or in both operands (so that each gradient is again
   such an einsum); other dtypes then take the plain `jnp.einsum`.
   """
   inputs, out = spec.split('->')
@@ -57,7 +64,7 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
   if not set(sa) <= set(sb + out) or not set(sb) <= set(sa + out):
     raise ValueError(f'einsum {spec!r}: an index of one operand is summed out alone; each '
                      'index must be in the output or in both operands.')
-  if a.dtype == b.dtype and a.dtype in LOW_PRECISION:
+  if _cpu_low_precision(a, b):
     return _low_precision_einsum(spec, a, b, jnp.dtype(out_dtype or a.dtype))
   out = jnp.einsum(spec, a, b)
   return out if out_dtype is None else out.astype(out_dtype)
@@ -85,9 +92,9 @@ _low_precision_affine.defvjp(_low_precision_affine_fwd, _low_precision_affine_bw
 
 def affine(x: jax.Array, w: jax.Array, bias: jax.Array | None = None) -> jax.Array:
   """[N, K] x [K, M] (+ bias [M]) -> [N, M], as `einsum` (low precision: float32
-  accumulation); the bias gradient is summed in float32 (XLA's CPU backend sums a
-  bfloat16 one slowly, by pairwise reduce-windows)."""
-  if bias is None or not (x.dtype == w.dtype and x.dtype in LOW_PRECISION):
+  accumulation on CPU); the bias gradient is summed in float32 there (XLA's CPU backend
+  sums a bfloat16 one slowly, by pairwise reduce-windows)."""
+  if bias is None or not _cpu_low_precision(x, w):
     y = einsum('nk,km->nm', x, w)
     return y if bias is None else y + bias.astype(y.dtype)
   return _low_precision_affine(x, w, bias)
