@@ -47,11 +47,6 @@ def compare(batch: int, length: int, heads: int, head_dim: int, dtype: str, caus
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from vlm_jax.nn import attention  # pylint: disable=g-import-not-at-top
 
-  def einsum_path(q, k, v, mask):
-    heads_first = lambda x: jnp.swapaxes(x, 1, 2)
-    return heads_first(attention.head_major_attention(heads_first(q), heads_first(k),
-                                                      heads_first(v), mask))
-
   shape = (batch, length, heads, head_dim)
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v = (jax.random.normal(key, shape, jnp.dtype(dtype)) for key in keys[:3])
@@ -63,7 +58,7 @@ def compare(batch: int, length: int, heads: int, head_dim: int, dtype: str, caus
              'dtype': dtype, 'causal': causal}
   # One attention's FLOPs, forward and backward: 2 products of 2 B H L^2 K forward, 4 back.
   flops = 12 * batch * heads * length ** 2 * head_dim
-  step = _value_and_grad(einsum_path, mask)
+  step = _value_and_grad(attention.einsum_token_major_attention, mask)
   (_, ref_out), ref_grads = step(*args)
   seconds = timing.median_seconds(lambda: jax.block_until_ready(step(*args)), runs)
   results.update(einsum_ms=seconds * 1e3, einsum_tflops=flops / seconds / 1e12)

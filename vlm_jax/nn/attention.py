@@ -100,8 +100,13 @@ def token_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """`head_major_attention` of [B, L, H, K] inputs (the projections' and the decoding caches'
   layout), returning [B, Lq, H, K]; on GPU `cudnn_attention` where it applies."""
   fused = cudnn_attention(q, k, v, mask, bias)
-  if fused is not None:
-    return fused
+  return einsum_token_major_attention(q, k, v, mask, bias) if fused is None else fused
+
+
+def einsum_token_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                                 mask: jax.Array | None = None,
+                                 bias: jax.Array | None = None) -> jax.Array:
+  """`head_major_attention` of [B, L, H, K] inputs on every backend, [B, Lq, H, K]."""
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)
   return heads_first(head_major_attention(heads_first(q), heads_first(k), heads_first(v),
                                           mask, bias))

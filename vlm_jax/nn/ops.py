@@ -56,8 +56,9 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
   mixed-dtype dots that autodiff makes of a `preferred_element_type=float32` product, by
   converting to float32 first (0.2 TFLOP/s). GPUs and TPUs accumulate a low-precision dot in
   float32 anyway, and a float32 result would cost them memory traffic and a conversion: on
-  them (any backend but 'cpu') this is the plain `jnp.einsum`. Every index must appear in the output or in both operands (so that each gradient is again
-  such an einsum); other dtypes then take the plain `jnp.einsum`.
+  them (any backend but 'cpu') this is the plain `jnp.einsum`. Every index must appear in
+  the output or in both operands (so that each gradient is again such an einsum); other
+  dtypes then take the plain `jnp.einsum`.
   """
   inputs, out = spec.split('->')
   sa, sb = inputs.split(',')
