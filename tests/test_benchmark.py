@@ -1,5 +1,6 @@
 """Smoke test of the benchmark entry point on the `tiny` config (no timing assertions), and
 the interleaved timing / paired speed-up helpers on hand-made timings."""
+import glob
 import importlib.util
 import json
 import math
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from experiments.benchmarks import timing
+from experiments.benchmarks import kernel_profile, timing
 from run_configs import tiny_config  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,11 +27,17 @@ def test_benchmark_writes_every_metric(shapes_small_dir, tmp_path):
   out = tmp_path / 'bench.json'
   command = [sys.executable, '-m', 'experiments.benchmarks.run',
              '--config=configs/clip_shapes.py:tiny', '--steps=2', '--warmup=1',
-             '--matmul_size=512', f'--config.data.data_dir={shapes_small_dir}', f'--out={out}']
+             '--matmul_size=512', f'--config.data.data_dir={shapes_small_dir}', f'--out={out}',
+             f'--profile_dir={tmp_path / "profile"}']
   result = subprocess.run(command, cwd=REPO, env=dict(os.environ, XLA_FLAGS=''),
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'examples_per_sec' in result.stdout
+  # The profile: a trace, the compiled HLO, and a table of kernels named in that HLO.
+  assert glob.glob(str(tmp_path / 'profile' / '**' / '*.xplane.pb'), recursive=True)
+  hlo = (tmp_path / 'profile' / kernel_profile.HLO_FILE).read_text()
+  table = result.stdout.split('Slowest XLA kernels')[1].splitlines()[2:]
+  assert table and table[0].split()[0] in kernel_profile.instructions(hlo), table[:3]
   metrics = json.load(open(out))
   for key in POSITIVE:
     assert isinstance(metrics[key], (int, float)) and metrics[key] > 0, (key, metrics[key])
@@ -50,8 +57,24 @@ def test_help_describes_every_flag():
   result = subprocess.run([sys.executable, '-m', 'experiments.benchmarks.run', '--help'],
                           cwd=REPO, env=dict(os.environ, XLA_FLAGS=''), capture_output=True,
                           text=True, timeout=60)
-  for flag in ('--config', '--out', '--steps', '--warmup', '--torch', '--matmul_size'):
+  for flag in ('--config', '--out', '--steps', '--warmup', '--torch', '--matmul_size',
+               '--profile_dir'):
     assert flag in result.stdout + result.stderr, flag
+
+
+def test_kernel_times_and_table_from_hand_made_events():
+  hlo = ('ENTRY %main {\n'
+         '  %dot.1 = f32[8,4]{1,0} dot(%a, %b), metadata={op_name="jit(step)/m/fc1/dot_general"}\n'
+         '  ROOT %add_fusion.2 = f32[8,4]{1,0} fusion(%dot.1), kind=kLoop\n}')
+  kernels = kernel_profile.instructions(hlo)
+  assert kernels == {'dot.1': 'f32[8,4]  m/fc1/dot_general', 'add_fusion.2': 'f32[8,4]'}
+  events = [('dot.1', 3e6), ('add_fusion.2', 1e6), ('dot.1', 5e6), ('PjitFunction', 9e6)]
+  times = kernel_profile.kernel_times(events, kernels, steps=2)
+  assert times == [('dot.1', 1.0, 4.0), ('add_fusion.2', 0.5, 0.5)]  # per step, slowest first
+  table = kernel_profile.kernel_table(times, step_ms=10.0, top=1, hlo_text=hlo)
+  assert 'dot.1' in table and '40.0%' in table and 'm/fc1/dot_general' in table
+  assert 'add_fusion.2' not in table and 'all 2 kernels' in table and '45.0%' in table
+  assert kernel_profile.kernel_table([], 1.0, 5) == 'No kernel events in the trace.'
 
 
 def test_pair_speedups_is_the_median_of_pair_ratios():

@@ -133,6 +133,62 @@ def test_low_precision_products_and_their_gradients_match_float32(dtype):
     vnn.ops.einsum('nk,m->n', low[0], low[0][0, :1])
 
 
+
+@pytest.mark.parametrize('k, m', [(8, 3), (3, 8), (5, 5)])   # x or g transposed, or a tie
+@pytest.mark.parametrize('with_bias', [True, False])
+def test_float32_affine_gradients_match_numpy(k, m, with_bias):
+  """The float32 CPU path (gradient products on row-major copies) against the hand-derived
+  gradients of sum(sin(x w + b))."""
+  rng = np.random.RandomState(1)
+  x, w, b = (rng.randn(*s).astype(np.float32) for s in ((7, k), (k, m), (m,)))
+  bias = b if with_bias else None
+  loss = lambda x, w, bias: jnp.sum(jnp.sin(vnn.ops.affine(x, w, bias)))
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x, w, bias)
+  dy = np.cos(x @ w + (b if with_bias else 0))
+  expected = (dy @ w.T, x.T @ dy, dy.sum(0) if with_bias else None)
+  for got, want in zip(grads, expected):
+    if want is None:
+      assert got is None
+    else:
+      assert got.shape == want.shape and got.dtype == jnp.float32
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('spec, shapes', [
+    ('bhqk,bhsk->bhqs', ((2, 3, 5, 4), (2, 3, 7, 4))),   # attention scores
+    ('bhqs,bhsk->bhqk', ((2, 3, 5, 7), (2, 3, 7, 4))),   # attention-weighted values
+    ('bqhk,bshk->bhqs', ((2, 5, 3, 4), (2, 7, 3, 4))),   # token-major operands
+    ('nk,km->mn', ((9, 4), (4, 6))),                     # a transposed output
+    ('bi,bj->bij', ((3, 4), (3, 5))),                    # nothing contracted
+])
+def test_float32_einsum_gradients_match_numpy(spec, shapes):
+  rng = np.random.RandomState(2)
+  a, b = (rng.randn(*s).astype(np.float32) for s in shapes)
+  loss = lambda a, b: jnp.sum(jnp.sin(vnn.ops.einsum(spec, a, b)))
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(a, b)
+  inputs, out = spec.split('->')
+  sa, sb = inputs.split(',')
+  dy = np.cos(np.einsum(spec, a, b))
+  expected = (np.einsum(f'{out},{sb}->{sa}', dy, b), np.einsum(f'{sa},{out}->{sb}', a, dy))
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_row_major_plan():
+  plan = vnn.ops._row_major_plan  # pylint: disable=protected-access
+  # Weight gradient x^T g of x [N, K], g [N, M]: copy x when K <= M ...
+  assert plan('nk,nm->km', dict(n=1000, k=64, m=256)) == ('ab', 'kn', 'nm', 'km')
+  # ... else copy g and transpose the [M, K] product (a copy of weight size).
+  assert plan('nk,nm->km', dict(n=1000, k=256, m=64)) == ('ba', 'mn', 'nk', 'mk')
+  # Key gradient of attention: the score gradient is copied, not the queries and the output.
+  assert plan('bhqs,bhqk->bhsk', dict(b=2, h=3, q=5, s=7, k=64)) == (
+      'ab', 'bhsq', 'bhqk', 'bhsk')
+  # Already row-major (a transposed rhs included): nothing moves.
+  assert plan('nm,km->nk', dict(n=1000, k=64, m=256)) == ('ab', 'nm', 'km', 'nk')
+  assert plan('bhqs,bhsk->bhqk', dict(b=2, h=3, q=5, s=7, k=4)) == (
+      'ab', 'bhqs', 'bhsk', 'bhqk')
+
+
 def test_activations():
   x = jnp.linspace(-4.0, 4.0, 9)
   np.testing.assert_allclose(vnn.quick_gelu(x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)
@@ -265,3 +321,21 @@ def test_logical_axis_names(scan_layers):
   for v in leaves:
     assert set(v.names) <= ALLOWED_AXES and len(v.names) == v.value.ndim
     assert (v.names[0] == 'layers') == scan_layers
+
+
+def test_cudnn_attention_falls_back_and_says_why_once(monkeypatch, caplog):
+  """Where cuDNN declines (here: a GPU backend faked, and a refusal like JAX's), the einsum
+  path runs and the reason is logged once per distinct shapes and message."""
+  def refuse(*args, **kwargs):
+    raise ValueError('Unsupported sequence length 197')
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', refuse)
+  vnn.attention._log_declined.cache_clear()  # pylint: disable=protected-access
+  q = jnp.ones((2, 5, 3, 8), jnp.bfloat16)
+  with caplog.at_level('WARNING'):
+    for _ in range(3):
+      assert vnn.attention.cudnn_attention(q, q, q) is None
+  declined = [r.getMessage() for r in caplog.records if 'cuDNN fused attention' in r.getMessage()]
+  assert len(declined) == 1
+  assert 'q (2, 5, 3, 8)' in declined[0] and 'Unsupported sequence length 197' in declined[0]
+  assert vnn.attention.cudnn_attention(q.astype(jnp.float32), q, q) is None  # f32: not tried

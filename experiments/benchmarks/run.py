@@ -1,7 +1,8 @@
 """Train-step throughput, FLOPs, MFU, memory, input pipeline and eval speed of a config.
 
   python -m experiments.benchmarks.run --config=configs/clip_shapes.py[:VARIANT]
-      [--out=bench.json] [--steps=20] [--warmup=3] [--torch=auto|off] [--config.KEY=VALUE]
+      [--out=bench.json] [--steps=20] [--warmup=3] [--torch=auto|off] [--profile_dir=DIR]
+      [--config.KEY=VALUE]
 
 Everything runs on one device (`jax.devices()[0]`, mesh data=1, `parallel.mode='jit'`), on
 synthetic batches of the config's shapes, except `pipeline_examples_per_sec`, which reads the
@@ -19,7 +20,8 @@ Metrics:
   model_tflops_per_step: XLA's count (`compiled.cost_analysis()['flops']`) of the step.
   analytic_tflops_per_step: see `analytic_flops`.
   measured_ceiling_tflops: a jitted [n, n] @ [n, n] matmul of model-dtype inputs on the same
-    device, accumulated in float32 like the model's (2 n^3 FLOPs), median of several runs.
+    device, accumulated in float32 like the model's (2 n^3 FLOPs), run once in each timed
+    round after the step(s), so that it sees the same machine load; median of the rounds.
   mfu_vs_measured_ceiling, mfu_vs_peak: analytic TFLOP/s achieved by the step over the
     measured ceiling, and over the device's dense bf16 peak (`PEAK_TFLOPS`; null on CPU).
   peak_memory_bytes: compiled temp + argument + output bytes of the step (also reported
@@ -45,7 +47,7 @@ from typing import Any, Callable
 
 from absl import flags
 
-from experiments.benchmarks import timing
+from experiments.benchmarks import kernel_profile, timing
 from vlm_jax import cli
 from vlm_jax.training import cpu_backend
 
@@ -64,6 +66,10 @@ _MATMUL = flags.DEFINE_integer('matmul_size', 0, 'Side n of the square matmul th
                                lower_bound=0)
 _PIPELINE = flags.DEFINE_bool('pipeline', True, 'Measure the input pipeline (builds the '
                               'dataset if it is not built yet).')
+_PROFILE = flags.DEFINE_string('profile_dir', None, 'Also trace 3 train steps with '
+                               'jax.profiler into this folder (with the compiled HLO) and '
+                               'print the slowest XLA kernels.')
+PROFILE_STEPS = 3
 
 DEFAULT_VOCAB = 64
 # Dense bf16 peak TFLOP/s by `device_kind` prefix (lower case), from the vendors' data sheets.
@@ -128,8 +134,9 @@ def _jnp_dtype(name: str):
   return jnp.dtype(name)
 
 
-def matmul_ceiling_tflops(device, dtype: str, size: int, runs: int = 5) -> float:
-  """TFLOP/s of a jitted [size, size] @ [size, size] matmul of `dtype` inputs on `device`."""
+def ceiling_matmul(device, dtype: str, size: int) -> tuple[Callable[[], Any], float]:
+  """(a call that runs a jitted [size, size] @ [size, size] matmul of `dtype` inputs on
+  `device` and blocks until it is done, its FLOPs); compiled and run once already."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   keys = jax.random.split(jax.random.key(0))
@@ -138,9 +145,9 @@ def matmul_ceiling_tflops(device, dtype: str, size: int, runs: int = 5) -> float
   # As the model's products (vlm_jax.nn.ops.einsum): accumulated in float32, which XLA's CPU
   # backend runs 2-4x faster in bf16 than a bf16 -> bf16 dot.
   matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
-  matmul(a, b).block_until_ready()  # compile
-  seconds = timing.median_seconds(lambda: matmul(a, b).block_until_ready(), runs)
-  return 2 * size ** 3 / seconds / 1e12
+  run = lambda: matmul(a, b).block_until_ready()
+  run()  # compile
+  return run, 2.0 * size ** 3
 
 
 def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
@@ -205,12 +212,17 @@ def _memory_of(compiled) -> dict:
 
 
 def measure_step(config, vocab_size: int, steps: int, warmup: int,
-                 peer: Callable[[], Any] | None = None
+                 peer: Callable[[], Any] | None = None, ceiling_size: int = 0,
+                 profile_dir: str | None = None
                  ) -> tuple[dict, Any, Any, list[float], list[float] | None]:
   """Compiles and times the train step on one device.
 
   With `peer` (a step that blocks until done), each warm-up and timed step of JAX is followed
-  by one of `peer`. Returns (metrics, setup, params, JAX step times, peer step times or None).
+  by one of `peer`. With `ceiling_size`, each timed round ends with the ceiling matmul
+  (`ceiling_matmul`), so that the ceiling is measured under the same load as the step
+  (`measured_ceiling_tflops`, median of the rounds). With `profile_dir`, `PROFILE_STEPS`
+  more steps are traced there and the slowest kernels printed (`kernel_profile`). Returns
+  (metrics, setup, params, JAX step times, peer step times or None).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from vlm_jax.training import partitioning, trainer  # pylint: disable=g-import-not-at-top
@@ -233,8 +245,16 @@ def measure_step(config, vocab_size: int, steps: int, warmup: int,
   for _ in range(warmup):
     for fn in fns:
       fn()
-  times = timing.interleaved_seconds(fns, steps)
+  ceiling = None
+  if ceiling_size:
+    ceiling, ceiling_flops = ceiling_matmul(device, config.model.dtype, ceiling_size)
+  times = timing.interleaved_seconds(fns + ([ceiling] if ceiling else []), steps)
   step_time = statistics.median(times[0])
+  if profile_dir:
+    hlo = compiled.as_text()
+    kernels = kernel_profile.trace_steps(one_step, PROFILE_STEPS, profile_dir, hlo)
+    print(f'Slowest XLA kernels of the train step (trace and HLO in {profile_dir}):')
+    print(kernel_profile.kernel_table(kernels, step_time * 1e3, top=20, hlo_text=hlo))
   flops = _flops_of(compiled)
   stats = device.memory_stats() or {}
   metrics = {
@@ -246,6 +266,9 @@ def measure_step(config, vocab_size: int, steps: int, warmup: int,
       **_memory_of(compiled),
       'device_peak_bytes_in_use': stats.get('peak_bytes_in_use'),
   }
+  if ceiling:
+    metrics['matmul_size'] = ceiling_size
+    metrics['measured_ceiling_tflops'] = ceiling_flops / statistics.median(times[-1]) / 1e12
   return metrics, setup, state.params, times[0], (times[1] if peer is not None else None)
 
 
@@ -281,7 +304,7 @@ def torch_peer_step(config, vocab_size: int,
 
 
 def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_size: int = 0,
-              with_pipeline: bool = True) -> dict:
+              with_pipeline: bool = True, profile_dir: str | None = None) -> dict:
   """All the metrics of the module docstring for `config`, as one flat dict."""
   import jax  # pylint: disable=g-import-not-at-top
   from vlm_jax.data import datasets  # pylint: disable=g-import-not-at-top
@@ -302,16 +325,17 @@ def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_
       'dtype': config.model.dtype, 'vocab_size': vocab, 'steps': steps, 'warmup': warmup,
       'cpu_tuning': config.parallel.cpu_tuning}
   peer = torch_peer_step(config, vocab, torch_mode)
+  size = matmul_size or (2048 if jax.default_backend() == 'cpu' else 8192)
   step_metrics, setup, params, jax_seconds, torch_seconds = measure_step(
-      config, vocab, steps, warmup, peer[0] if peer else None)
+      config, vocab, steps, warmup, peer[0] if peer else None, ceiling_size=size,
+      profile_dir=profile_dir)
+  ceiling = {k: step_metrics.pop(k) for k in ('matmul_size', 'measured_ceiling_tflops')}
   results.update(step_metrics)
   analytic = analytic_flops(config, config.train.batch_size)
   results['analytic_tflops_per_step'] = analytic / 1e12
   achieved = analytic / 1e12 / (results['step_time_ms'] / 1e3)
   results['achieved_analytic_tflops'] = achieved
-  size = matmul_size or (2048 if jax.default_backend() == 'cpu' else 8192)
-  results['matmul_size'] = size
-  results['measured_ceiling_tflops'] = matmul_ceiling_tflops(device, config.model.dtype, size)
+  results.update(ceiling)
   results['mfu_vs_measured_ceiling'] = _ratio(achieved, results['measured_ceiling_tflops'])
   results['peak_tflops'] = peak_tflops(device.device_kind)
   results['mfu_vs_peak'] = _ratio(achieved, results['peak_tflops'])
@@ -346,8 +370,10 @@ def main(argv: list[str]) -> None:
   logging.getLogger().setLevel(logging.WARNING)
   config = cli.load_config(_CONFIG, sys.argv)
   cpu_backend.configure(config.parallel.cpu_tuning)  # as vlm_jax.train does
+  if _PROFILE.value:
+    kernel_profile.enable_cpu_kernel_events()
   results = benchmark(config, _STEPS.value, _WARMUP.value, _TORCH.value, _MATMUL.value,
-                      _PIPELINE.value)
+                      _PIPELINE.value, _PROFILE.value)
   results = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
              for k, v in results.items()}
   print(table(results))

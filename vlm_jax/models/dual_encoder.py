@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.nn.ops import l2_normalize
+from vlm_jax.nn.transformer import Dense
 
 Dtype = Any
 # std = fan_in^-0.5, untruncated: CLIP's projection init.
@@ -71,7 +72,7 @@ class DualEncoder(LearnedTemperature, nn.Module):
   text_projection: bool = True
 
   def _proj(self, use_bias: bool, name: str) -> nn.Dense:
-    return nn.Dense(
+    return Dense(
         self.embed_dim, use_bias=use_bias, dtype=jnp.float32, param_dtype=self.param_dtype,
         kernel_init=nn.with_logical_partitioning(PROJ_INIT, ('embed', 'joint')),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('joint',)), name=name)

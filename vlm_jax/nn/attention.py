@@ -3,6 +3,8 @@
 Masks are boolean, True where a query may attend to a key, shaped [B | 1, 1, Lq, Lk] so that
 they broadcast over heads; `combine_masks` ANDs any number of them (None is skipped).
 """
+import functools
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -90,8 +92,17 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     return None
   try:
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation='cudnn')
-  except (NotImplementedError, ValueError, RuntimeError):
+  except (NotImplementedError, ValueError, RuntimeError) as e:
+    shape = lambda x: None if x is None else tuple(x.shape)
+    _log_declined(f'q {shape(q)}, k {shape(k)}, mask {shape(mask)}, bias {shape(bias)}, '
+                  f'{q.dtype}: {type(e).__name__}: {e}')
     return None
+
+
+@functools.cache
+def _log_declined(reason: str) -> None:
+  """Logs, once per distinct reason, why cuDNN's fused attention did not apply."""
+  logging.warning('cuDNN fused attention declined, XLA attention used instead: %s', reason)
 
 
 def token_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,

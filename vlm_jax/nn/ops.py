@@ -47,6 +47,72 @@ def _low_precision_einsum_bwd(spec, out_dtype, residuals, g):
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
 
 
+def _row_major_plan(spec: str, sizes: dict[str, int]) -> tuple[str, str, str, str]:
+  """How `_row_major_einsum` computes a two-operand `spec` (`sizes`: index -> length):
+  (operand order, 'ab' or 'ba'; lhs layout; rhs layout; product layout).
+
+  The lhs is laid out [batch, free, contracted]; the rhs [batch, contracted, free] or
+  [batch, free, contracted] (XLA's CPU matmul kernels take a transposed rhs as is); the
+  product is [batch, lhs free, rhs free], copied to the output's layout where that differs.
+  Of the two operand orders the one that copies fewer elements wins ('ab' on a tie).
+  """
+  inputs, out = spec.split('->')
+  sa, sb = inputs.split(',')
+  batch = ''.join(c for c in out if c in sa and c in sb)
+  contract = ''.join(c for c in sa if c in sb and c not in out)
+  plans = []
+  for order, (s1, s2) in (('ab', (sa, sb)), ('ba', (sb, sa))):
+    free1 = ''.join(c for c in s1 if c not in s2)
+    free2 = ''.join(c for c in s2 if c not in s1)
+    lhs = batch + free1 + contract
+    rhs = s2 if s2 in (batch + contract + free2, batch + free2 + contract) else (
+        batch + contract + free2)
+    mid = batch + free1 + free2
+    copied = sum(math.prod(sizes[c] for c in layout)
+                 for layout, wanted in ((s1, lhs), (s2, rhs), (out, mid)) if layout != wanted)
+    plans.append((copied, order, lhs, rhs, mid))
+  return min(plans, key=lambda plan: plan[0])[1:]
+
+
+def _row_major_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`jnp.einsum(spec, a, b)` as one batched matmul of operands copied to row-major layouts
+  (`_row_major_plan`). The barriers keep XLA from folding the copies back into the dot."""
+  inputs, out = spec.split('->')
+  operands = tuple(zip(inputs.split(','), (a, b)))
+  sizes = {c: n for s, t in operands for c, n in zip(s, t.shape)}
+  order, lhs, rhs, mid = _row_major_plan(spec, sizes)
+  (s1, x), (s2, y) = operands if order == 'ab' else operands[::-1]
+  barrier = jax.lax.optimization_barrier
+  move = lambda t, src, dst: t if src == dst else barrier(jnp.einsum(f'{src}->{dst}', t))
+  product = jnp.einsum(f'{lhs},{rhs}->{mid}', move(x, s1, lhs), move(y, s2, rhs))
+  return product if mid == out else jnp.einsum(f'{mid}->{out}', barrier(product))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cpu_f32_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.einsum(spec, a, b)
+
+
+def _cpu_f32_einsum_fwd(spec, a, b):
+  return jnp.einsum(spec, a, b), (a, b)
+
+
+def _cpu_f32_einsum_bwd(spec, residuals, g):
+  a, b = residuals
+  inputs, out = spec.split('->')
+  sa, sb = inputs.split(',')
+  return (_row_major_einsum(f'{out},{sb}->{sa}', g, b),
+          _row_major_einsum(f'{sa},{out}->{sb}', a, g))
+
+
+_cpu_f32_einsum.defvjp(_cpu_f32_einsum_fwd, _cpu_f32_einsum_bwd)
+
+
+def _cpu_float32(a: jax.Array, b: jax.Array) -> bool:
+  """Whether `einsum` and `affine` take their float32 CPU path (`_cpu_f32_einsum`)."""
+  return a.dtype == b.dtype == jnp.float32 and jax.default_backend() == 'cpu'
+
+
 def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
   """`jnp.einsum` of two operands (`out_dtype`: default theirs); in bfloat16 or float16 the
   forward and both backward products take low-precision inputs and accumulate in float32.
@@ -57,8 +123,15 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
   converting to float32 first (0.2 TFLOP/s). GPUs and TPUs accumulate a low-precision dot in
   float32 anyway, and a float32 result would cost them memory traffic and a conversion: on
   them (any backend but 'cpu') this is the plain `jnp.einsum`. Every index must appear in
-  the output or in both operands (so that each gradient is again such an einsum); other
-  dtypes then take the plain `jnp.einsum`.
+  the output or in both operands (so that each gradient is again such an einsum).
+
+  In float32 on CPU the forward is the plain `jnp.einsum` and each gradient product runs on
+  operands copied to row-major layouts (`_row_major_einsum`): autodiff makes products that
+  contract a leading axis of the lhs (the weight gradient x^T g of a dense layer, the key
+  and value gradients of attention), which XLA's CPU backend hands to Eigen (about 130
+  GFLOP/s on 2 cores of a Zen 3 EPYC, on a thread pool that then contends with the other
+  kernels) instead of its YNNPACK matmuls (165-175); the copies cost a few percent of that.
+  Other dtypes take the plain `jnp.einsum`.
   """
   inputs, out = spec.split('->')
   sa, sb = inputs.split(',')
@@ -67,7 +140,7 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, out_dtype=None) -> jax.Array:
                      'index must be in the output or in both operands.')
   if _cpu_low_precision(a, b):
     return _low_precision_einsum(spec, a, b, jnp.dtype(out_dtype or a.dtype))
-  out = jnp.einsum(spec, a, b)
+  out = _cpu_f32_einsum(spec, a, b) if _cpu_float32(a, b) else jnp.einsum(spec, a, b)
   return out if out_dtype is None else out.astype(out_dtype)
 
 
@@ -107,9 +180,10 @@ def flat_affine(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
   [N, prod(in)] x [prod(in), prod(out)].
 
   On a [B, L, D] input XLA's dot canonicalisation contracts the weight gradient over two
-  axes and, on CPU, first copies an operand to a transposed layout; the 2-D form needs no
-  copy (13% off `configs/clip_shapes.py`'s step on CPU for the MLPs, 8% more for the
-  attention). Elsewhere the reshapes are free.
+  axes and, on CPU, copies an operand to a transposed layout in a slow loop; the 2-D form
+  avoided that (13% off `configs/clip_shapes.py`'s step on a Xeon for the MLPs, 8% more for
+  the attention), and its float32 gradients now copy the narrower operand on purpose (see
+  `einsum`). Elsewhere the reshapes are free.
   """
   fan_in = math.prod(kernel.shape[:num_in])
   y = affine(x.reshape(-1, fan_in), kernel.reshape(fan_in, -1),
