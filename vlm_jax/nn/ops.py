@@ -35,13 +35,18 @@ def _low_precision_einsum_fwd(spec, a, b, out_dtype):
   return _accumulated(spec, a, b, out_dtype), (a, b)
 
 
-def _low_precision_einsum_bwd(spec, out_dtype, residuals, g):
-  a, b = residuals
+def _gradient_specs(spec: str) -> tuple[str, str]:
+  """The einsums of the two gradients of 'a,b->out': (g, b -> da) and (a, g -> db)."""
   inputs, out = spec.split('->')
   sa, sb = inputs.split(',')
+  return f'{out},{sb}->{sa}', f'{sa},{out}->{sb}'
+
+
+def _low_precision_einsum_bwd(spec, out_dtype, residuals, g):
+  a, b = residuals
   g = g.astype(a.dtype)
-  return (_accumulated(f'{out},{sb}->{sa}', g, b, a.dtype),
-          _accumulated(f'{sa},{out}->{sb}', a, g, b.dtype))
+  spec_a, spec_b = _gradient_specs(spec)
+  return _accumulated(spec_a, g, b, a.dtype), _accumulated(spec_b, a, g, b.dtype)
 
 
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
@@ -94,15 +99,13 @@ def _cpu_f32_einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _cpu_f32_einsum_fwd(spec, a, b):
-  return jnp.einsum(spec, a, b), (a, b)
+  return _cpu_f32_einsum(spec, a, b), (a, b)
 
 
 def _cpu_f32_einsum_bwd(spec, residuals, g):
   a, b = residuals
-  inputs, out = spec.split('->')
-  sa, sb = inputs.split(',')
-  return (_row_major_einsum(f'{out},{sb}->{sa}', g, b),
-          _row_major_einsum(f'{sa},{out}->{sb}', a, g))
+  spec_a, spec_b = _gradient_specs(spec)
+  return _row_major_einsum(spec_a, g, b), _row_major_einsum(spec_b, a, g)
 
 
 _cpu_f32_einsum.defvjp(_cpu_f32_einsum_fwd, _cpu_f32_einsum_bwd)
