@@ -203,3 +203,13 @@ def test_ensure_built_reuses_the_build(small_data_cfg):
   info = datasets.ensure_built(small_data_cfg)  # already built by the session fixture
   assert {k: v.num_examples for k, v in info.splits.items()} == {
       'train': 512, 'validation': 128, 'test': 128, 'test_novel': 128}
+
+
+def test_normalize_images_against_the_per_channel_formula(small_data_cfg):
+  images = np.random.RandomState(0).randint(0, 256, (2, 5, 7, 3)).astype(np.uint8)
+  std = np.asarray(small_data_cfg.std, np.float32)
+  want = (images / 255.0 - np.asarray(small_data_cfg.mean)) / std
+  for batch in (images, images[0], images[0, 0, 0]):  # [B, S, S, 3], [S, S, 3], [3]
+    got = pipeline.normalize_images(batch, small_data_cfg)
+    assert got.dtype == np.float32 and got.shape == batch.shape
+    np.testing.assert_allclose(got, want[(0,) * (4 - batch.ndim)], rtol=1e-5, atol=1e-5)

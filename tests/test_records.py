@@ -83,3 +83,41 @@ def test_a_damaged_png_is_an_error_not_an_image():
   example.features.feature['image'].bytes_list.value.append(bytes(encoded))
   with pytest.raises((OSError, ValueError, SyntaxError)):
     records.image(records.parse(example.SerializeToString()))
+
+
+def _encoded(img, format_='PNG', **save) -> bytes:
+  return records.parse(_image_record(img, format_, **save))['image'].bytes_list.value[0]
+
+
+def test_decode_images_equals_one_by_one_decoding():
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(1)
+  smooth = [np.cumsum(rng.randint(0, 3, (12, 9, 3)), axis=0).astype(np.uint8)
+            for _ in range(3)]  # PIL picks varied row filters
+  noise = rng.randint(0, 256, (12, 9, 3)).astype(np.uint8)
+  plain = [_encoded(Image.fromarray(a)) for a in smooth + [noise]]
+  others = [_encoded(Image.fromarray(noise).convert('RGBA')),  # not plain RGB: PIL's path
+            _encoded(Image.fromarray(noise), 'JPEG', quality=90),
+            _encoded(Image.fromarray(noise), compress_level=0)]
+  for batch in (plain, plain[:1], plain[:2] + others + plain[2:], others + plain):
+    got = records.decode_images(batch)
+    assert got.dtype == np.uint8 and got.shape == (len(batch), 12, 9, 3)
+    for image, encoded in zip(got, batch, strict=True):
+      np.testing.assert_array_equal(image, records._decode_image(encoded))  # pylint: disable=protected-access
+    got[:, 0] = 0  # a new, writable array
+
+
+def test_decode_images_errors():
+  import pytest  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  noise = np.random.RandomState(0).randint(0, 256, (16, 16, 3)).astype(np.uint8)
+  good = _encoded(Image.fromarray(noise))
+  with pytest.raises(ValueError, match=r'one size; got \[\(8, 16, 3\), \(16, 16, 3\)\]'):
+    records.decode_images([good, _encoded(Image.fromarray(noise[:8]))])
+  with pytest.raises(ValueError, match='at least one image'):
+    records.decode_images([])
+  damaged = bytearray(good)
+  damaged[60:80] = bytes(20)  # inside the compressed pixels
+  for batch in ([good, bytes(damaged)], [bytes(damaged), good]):
+    with pytest.raises((OSError, ValueError, SyntaxError)):
+      records.decode_images(batch)

@@ -87,3 +87,30 @@ def test_dataset_tokenizer_covers_class_names(small_data_cfg):
   small_data_cfg.tokenizer = '/nonexistent/tokenizer.json'
   with pytest.raises(FileNotFoundError, match='/nonexistent/tokenizer.json'):
     datasets.load_tokenizer(small_data_cfg)
+
+
+def test_memoised_rows_equal_fresh_encodings(monkeypatch):
+  tok = tokenizer_lib.train_tokenizer(TEXTS)
+  fresh = tokenizer_lib.train_tokenizer(TEXTS)
+  texts = ['a red circle', 'A RED circle', 'a red circle', 'yes', 'zebra', 'a red circle']
+  first_ids, first_mask = tok.encode_batch(texts, 6)
+  first_ids[:] = -1  # the caller owns its arrays: this must not reach the memoised rows
+  for max_len in (6, 3):  # another row length is another row
+    ids, mask = tok.encode_batch(texts, max_len)
+    for i, text in enumerate(texts):  # each text alone, by a tokenizer with no memo
+      want_ids, want_mask = fresh.encode_batch([text], max_len)
+      np.testing.assert_array_equal(ids[i], want_ids[0])
+      np.testing.assert_array_equal(mask[i], want_mask[0])
+  np.testing.assert_array_equal(first_mask, tok.encode_batch(texts, 6)[1])
+  cased = tokenizer_lib.train_tokenizer(TEXTS)
+  cased.backend.normalizer = None  # only `lowercase` lower-cases now
+  assert cased.encode_batch(['A RED circle'], 6)[0][0, 1] != cased.unk_id
+  cased.lowercase = False  # a setting that changes the rows is part of the key
+  upper, _ = cased.encode_batch(['A RED circle'], 6)
+  assert upper[0, 1] == upper[0, 2] == cased.unk_id
+  monkeypatch.setattr(tokenizer_lib, 'ROW_CACHE_SIZE', 2)  # a full memo is emptied
+  ids, _ = tok.encode_batch(['yes', 'no', 'a small red circle'], 6)
+  np.testing.assert_array_equal(ids, fresh.encode_batch(['yes', 'no', 'a small red circle'],
+                                                        6)[0])
+  assert len(tok._rows) <= 3  # pylint: disable=protected-access
+  assert tok.encode_batch([], 4)[0].shape == (0, 4)

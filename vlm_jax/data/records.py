@@ -6,7 +6,7 @@ CPU thread feed thousands of examples per second.
 """
 import io
 import struct
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -48,14 +48,9 @@ def _feature(features: Features, key: str):
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
-def _plain_rgb_png(encoded: bytes) -> np.ndarray | None:
-  """uint8 [H, W, 3] of an 8-bit, non-interlaced RGB PNG (what the tfds builders write), or
-  None for any other PNG or JPEG.
-
-  It hands the concatenated IDAT chunks straight to PIL's PNG ('zip') decoder: on 32 px
-  images that decodes 21,000 images/s on one Xeon core, `Image.open` 14,000 (the file
-  plugin's set-up dominates).
-  """
+def _plain_rgb_png_parts(encoded: bytes) -> tuple[tuple[int, int], bytes] | None:
+  """((width, height), the concatenated IDAT chunks) of an 8-bit, non-interlaced RGB PNG
+  (what the tfds builders write), or None for any other PNG or JPEG, or a damaged one."""
   if not encoded.startswith(_PNG_SIGNATURE):
     return None
   pos, size, idat = len(_PNG_SIGNATURE), None, []
@@ -63,6 +58,8 @@ def _plain_rgb_png(encoded: bytes) -> np.ndarray | None:
     length, kind = struct.unpack_from('>I4s', encoded, pos)
     data = encoded[pos + 8:pos + 8 + length]
     if kind == b'IHDR':
+      if len(data) != 13:
+        return None
       width, height, depth, color, _, _, interlace = struct.unpack('>IIBBBBB', data)
       if (depth, color, interlace) != (8, 2, 0):  # 8-bit truecolour, no Adam7
         return None
@@ -74,15 +71,27 @@ def _plain_rgb_png(encoded: bytes) -> np.ndarray | None:
     pos += length + 12  # length, type, data, CRC
   if size is None or not idat:
     return None
-  return np.asarray(Image.frombytes('RGB', size, b''.join(idat), 'zip', 'RGB'))
+  return size, b''.join(idat)
 
 
-def image(features: Features, key: str = 'image') -> np.ndarray:
-  """The decoded (PNG or JPEG) RGB image, uint8 [H, W, 3]."""
-  encoded = _feature(features, key).bytes_list.value[0]
+def _plain_rgb_png(encoded: bytes) -> np.ndarray | None:
+  """uint8 [H, W, 3] of an 8-bit, non-interlaced RGB PNG, or None for any other PNG or JPEG.
+
+  It hands the IDAT chunks straight to PIL's PNG ('zip') decoder: on 32 px images that
+  decodes 21,000 images/s on one Xeon core, `Image.open` 14,000 (the file plugin's set-up
+  dominates).
+  """
+  parts = _plain_rgb_png_parts(encoded)
+  if parts is None:
+    return None
+  return np.asarray(Image.frombytes('RGB', parts[0], parts[1], 'zip', 'RGB'))
+
+
+def _decode_image(encoded: bytes) -> np.ndarray:
+  """uint8 [H, W, 3] of a PNG or JPEG file's bytes."""
   try:
     plain = _plain_rgb_png(encoded)
-  except (ValueError, OSError, struct.error):
+  except (ValueError, OSError):
     plain = None  # a damaged file: PIL below says what is wrong with it
   if plain is not None:
     return plain
@@ -90,6 +99,66 @@ def image(features: Features, key: str = 'image') -> np.ndarray:
     if img.mode != 'RGB':
       img = img.convert('RGB')
     return np.asarray(img)
+
+
+def decode_images(encoded: Sequence[bytes]) -> np.ndarray:
+  """uint8 [B, H, W, 3] (a new, writable array) of B PNG or JPEG files of one size
+  (ValueError for mixed sizes).
+
+  Plain RGB PNGs of the first one's size are decoded into rows of one PIL image, which
+  is converted to numpy once: on 32 px images that halves the per-image overhead of PIL
+  (an image, a decoder and a copy each), 33 us instead of 52 on one EPYC core. Other files,
+  and any that this path cannot decode, go through `image`'s decoder.
+  """
+  if not encoded:
+    raise ValueError('decode_images needs at least one image.')
+  first = _plain_rgb_png_parts(encoded[0])
+  if first is None:
+    return _stack([_decode_image(e) for e in encoded])
+  (width, height), _ = first
+  batch = Image.new('RGB', (width, height * len(encoded)))  # image r: rows [r H, (r + 1) H)
+  others = {}
+  for r, one in enumerate(encoded):
+    parts = first if r == 0 else _plain_rgb_png_parts(one)
+    if parts is None or parts[0] != (width, height) or not _decode_into(
+        batch, (0, r * height, width, (r + 1) * height), parts[1]):
+      others[r] = _decode_image(one)  # raises for a damaged file
+  images = np.array(batch).reshape(len(encoded), height, width, 3)  # writable
+  if others:
+    images = _stack([others[r] if r in others else images[r] for r in range(len(encoded))])
+  return images
+
+
+def _decode_into(batch: Image.Image, box: tuple[int, int, int, int], idat: bytes) -> bool:
+  """Decodes a plain RGB PNG's IDAT data into `box` (left, top, right, bottom) of `batch`;
+  False when the data is damaged or too short (what `Image.frombytes` checks)."""
+  decoder = Image._getdecoder('RGB', 'zip', ('RGB',))  # pylint: disable=protected-access
+  try:
+    decoder.setimage(batch.im, box)
+    consumed, error = decoder.decode(idat)
+  except (ValueError, OSError):
+    return False
+  finally:
+    decoder.cleanup()
+  return consumed < 0 and error == 0
+
+
+def _stack(images: Sequence[np.ndarray]) -> np.ndarray:
+  shapes = sorted({im.shape for im in images})
+  if len(shapes) > 1:
+    raise ValueError(f'Images of one batch must have one size; got {shapes}.')
+  return np.stack(images)
+
+
+def image(features: Features, key: str = 'image') -> np.ndarray:
+  """The decoded (PNG or JPEG) RGB image, uint8 [H, W, 3]."""
+  return _decode_image(encoded_image(features, key))
+
+
+def encoded_image(features: Features, key: str = 'image') -> bytes:
+  """The PNG or JPEG bytes of an image feature (decode a batch of them with
+  `decode_images`)."""
+  return _feature(features, key).bytes_list.value[0]
 
 
 def texts(features: Features, key: str) -> list[str]:
