@@ -97,7 +97,7 @@ def test_memoised_rows_equal_fresh_encodings(monkeypatch):
   first_ids[:] = -1  # the caller owns its arrays: this must not reach the memoised rows
   for max_len in (6, 3):  # another row length is another row
     ids, mask = tok.encode_batch(texts, max_len)
-    for i, text in enumerate(texts):  # each text alone, by a tokenizer with no memo
+    for i, text in enumerate(texts):  # each text alone, by another tokenizer
       want_ids, want_mask = fresh.encode_batch([text], max_len)
       np.testing.assert_array_equal(ids[i], want_ids[0])
       np.testing.assert_array_equal(mask[i], want_mask[0])
@@ -108,9 +108,10 @@ def test_memoised_rows_equal_fresh_encodings(monkeypatch):
   cased.lowercase = False  # a setting that changes the rows is part of the key
   upper, _ = cased.encode_batch(['A RED circle'], 6)
   assert upper[0, 1] == upper[0, 2] == cased.unk_id
-  monkeypatch.setattr(tokenizer_lib, 'ROW_CACHE_SIZE', 2)  # a full memo is emptied
-  ids, _ = tok.encode_batch(['yes', 'no', 'a small red circle'], 6)
-  np.testing.assert_array_equal(ids, fresh.encode_batch(['yes', 'no', 'a small red circle'],
-                                                        6)[0])
-  assert len(tok._rows) <= 3  # pylint: disable=protected-access
+  monkeypatch.setattr(tokenizer_lib, 'ROW_CACHE_BYTES', 2000)  # a full memo is emptied
+  texts = ['yes', 'no', 'a small red circle']  # 'yes' is in the memo, the others are not
+  ids, _ = tok.encode_batch(texts, 6)
+  np.testing.assert_array_equal(ids, fresh.encode_batch(texts, 6)[0])
+  memo = tok._rows  # pylint: disable=protected-access
+  assert sorted(text for text, _, _ in memo) == ['a small red circle', 'no']
   assert tok.encode_batch([], 4)[0].shape == (0, 4)

@@ -132,7 +132,10 @@ def decode_images(encoded: Sequence[bytes]) -> np.ndarray:
 def _decode_into(batch: Image.Image, box: tuple[int, int, int, int], idat: bytes) -> bool:
   """Decodes a plain RGB PNG's IDAT data into `box` (left, top, right, bottom) of `batch`;
   False when the data is damaged or too short (what `Image.frombytes` checks)."""
-  decoder = Image._getdecoder('RGB', 'zip', ('RGB',))  # pylint: disable=protected-access
+  try:  # PIL's own `Image.frombytes` makes its decoder so, but for the whole image
+    decoder = Image._getdecoder('RGB', 'zip', ('RGB',))  # pylint: disable=protected-access
+  except (AttributeError, OSError):
+    return False
   try:
     decoder.setimage(batch.im, box)
     consumed, error = decoder.decode(idat)

@@ -20,7 +20,8 @@ from tokenizers import models, normalizers, pre_tokenizers, trainers
 SPECIAL_TOKENS = {'pad': '[PAD]', 'unk': '[UNK]', 'bos': '[BOS]', 'eos': '[EOS]',
                   'mask': '[MASK]', 'cls': '[CLS]'}
 SPECIALS_FILE = 'special_tokens.json'  # beside tokenizer.json: {special_tokens, lowercase}
-ROW_CACHE_SIZE = 1 << 16  # encoded rows kept by `encode_batch` (~0.5 KB each); emptied when full
+_ROW_OVERHEAD_BYTES = 400  # the Python objects of one memoised row, beyond text and ids
+ROW_CACHE_BYTES = 32 << 20  # about what `encode_batch`'s memo of rows may hold; emptied when full
 
 
 class Tokenizer:
@@ -62,6 +63,7 @@ class Tokenizer:
                  for key, name in names.items()}
     self._special_ids = frozenset(i for i in self._ids.values() if i is not None)
     self._rows: dict[tuple[str, int, bool], tuple[np.ndarray, int]] = {}
+    self._rows_bytes = 0  # an estimate of the memo's size
 
   @classmethod
   def from_file(cls, path: str, **kwargs) -> 'Tokenizer':
@@ -147,8 +149,11 @@ class Tokenizer:
     rows = [self._rows.get(key) for key in keys]
     missing = [i for i, row in enumerate(rows) if row is None]
     if missing:
-      if len(self._rows) + len(missing) > ROW_CACHE_SIZE:
+      added = sum(_ROW_OVERHEAD_BYTES + len(texts[i]) + 4 * max_len for i in missing)
+      if self._rows_bytes + added > ROW_CACHE_BYTES:
         self._rows.clear()
+        self._rows_bytes = 0
+      self._rows_bytes += added
       bos = [] if self.bos_id is None else [self.bos_id]
       for i, encoding in zip(missing, self._encode([texts[i] for i in missing])):
         tokens = bos + encoding.ids[:max_len - 1 - len(bos)] + [self.eos_id]
