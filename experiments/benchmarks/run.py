@@ -329,13 +329,11 @@ def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_
   step_metrics, setup, params, jax_seconds, torch_seconds = measure_step(
       config, vocab, steps, warmup, peer[0] if peer else None, ceiling_size=size,
       profile_dir=profile_dir)
-  ceiling = {k: step_metrics.pop(k) for k in ('matmul_size', 'measured_ceiling_tflops')}
   results.update(step_metrics)
   analytic = analytic_flops(config, config.train.batch_size)
   results['analytic_tflops_per_step'] = analytic / 1e12
   achieved = analytic / 1e12 / (results['step_time_ms'] / 1e3)
   results['achieved_analytic_tflops'] = achieved
-  results.update(ceiling)
   results['mfu_vs_measured_ceiling'] = _ratio(achieved, results['measured_ceiling_tflops'])
   results['peak_tflops'] = peak_tflops(device.device_kind)
   results['mfu_vs_peak'] = _ratio(achieved, results['peak_tflops'])
