@@ -139,3 +139,30 @@ def test_text_scan_remat_shapes():
   assert pooled.shape == (2, 32) and x.shape == (2, 6, 32)
   blocks = nn.unbox(variables)['params']['encoder']['blocks']
   assert blocks['mlp']['fc1']['kernel'].shape == (2, 32, 64)
+
+
+@pytest.mark.parametrize('pool', ['eot', 'cls', 'last', 'mean'])
+@pytest.mark.parametrize('post_ln', [False, True])
+def test_text_pooled_only_equals_full_pool(pool, post_ln):
+  ids, mask = _text_inputs()
+  module = _text(pool=pool, post_ln=post_ln)
+  variables, apply = _init_apply(module, ids, mask)
+  pooled, _ = apply(variables, ids, mask)
+  fast, tokens = jax.jit(module.apply, static_argnames='pooled_only')(
+      variables, ids, mask, pooled_only=True)
+  assert (tokens is None) == (pool != 'mean')  # the mean reads every row
+  np.testing.assert_allclose(fast, pooled, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kw', [dict(pool='cls'), dict(pool='cls', patch_dropout=0.5),
+                                dict(pool='gap')])
+def test_vit_pooled_only_equals_full_pool(kw):
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  module = _vit(**kw)
+  variables = jax.jit(module.init)(jax.random.key(1), images)
+  rngs = {'dropout': jax.random.key(2)}
+  apply = jax.jit(module.apply, static_argnames=('deterministic', 'pooled_only'))
+  pooled, _ = apply(variables, images, deterministic=False, rngs=rngs)
+  fast, tokens = apply(variables, images, deterministic=False, pooled_only=True, rngs=rngs)
+  assert (tokens is None) == (kw['pool'] == 'cls')
+  np.testing.assert_allclose(fast, pooled, atol=1e-5, rtol=1e-5)

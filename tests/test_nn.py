@@ -339,3 +339,52 @@ def test_cudnn_attention_falls_back_and_says_why_once(monkeypatch, caplog):
   assert len(declined) == 1
   assert 'q (2, 5, 3, 8)' in declined[0] and 'Unsupported sequence length 197' in declined[0]
   assert vnn.attention.cudnn_attention(q.astype(jnp.float32), q, q) is None  # f32: not tried
+
+
+def test_self_attention_query_rows_match_numpy():
+  """Queries of chosen rows only: the full attention's rows, from the NumPy formula."""
+  b, l, d, h = 2, 5, 12, 3
+  x = jax.random.normal(jax.random.key(0), (b, l, d))
+  mask = jax.random.bernoulli(jax.random.key(1), 0.6, (b, 1, l, l)).at[..., 0].set(True)
+  rows = jnp.array([[4, 1], [0, 4]])
+  module = vnn.MultiHeadAttention(num_heads=h)
+  params = _random_params(nn.unbox(jax.jit(module.init)(jax.random.key(2), x)))['params']
+  row_mask = vnn.attention.select_mask_rows(mask, rows)
+  assert row_mask.shape == (b, 1, 2, l)
+  y = jax.jit(module.apply)({'params': params}, x, mask=row_mask, query_rows=rows)
+  p = jax.tree.map(np.asarray, params)
+  qkv = np.einsum('bld,dthk->blthk', np.asarray(x), p['qkv_kernel']) + p['qkv_bias']
+  out = _np_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], np.asarray(mask))
+  full = np.einsum('blhk,hkd->bld', out, p['out_kernel']) + p['out_bias']
+  np.testing.assert_allclose(y, full[np.arange(b)[:, None], np.asarray(rows)], atol=1e-5,
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match='self-attention only'):
+    module.apply({'params': params}, x, x, query_rows=rows)
+
+
+@pytest.mark.parametrize('kw', [dict(), dict(remat='full'), dict(norm_first=False),
+                                dict(scan_layers=True)])
+def test_encoder_rows_equal_selected_full_rows_and_gradients(kw):
+  """`rows` computes the last block for those rows only: the same outputs and gradients."""
+  x = jax.random.normal(jax.random.key(0), (3, 6, 16))
+  mask = vnn.combine_masks(vnn.causal_mask(6),
+                           vnn.padding_mask(jnp.arange(6)[None] < jnp.array([[6], [3], [1]])))
+  rows = jnp.array([[5], [2], [0]])
+  module = _encoder(**kw)
+  params = _random_params(nn.unbox(jax.jit(module.init)(jax.random.key(1), x, mask)))['params']
+  pick = lambda y: y[jnp.arange(3)[:, None], rows]  # [B, 1, D]
+  full_loss = lambda p: jnp.sum(jnp.sin(pick(module.apply({'params': p}, x, mask))))
+  rows_loss = lambda p: jnp.sum(jnp.sin(module.apply({'params': p}, x, mask, True, rows)))
+  assert module.apply({'params': params}, x, mask, True, rows).shape == (3, 1, 16)
+  full, full_grads = jax.jit(jax.value_and_grad(full_loss))(params)
+  part, part_grads = jax.jit(jax.value_and_grad(rows_loss))(params)
+  np.testing.assert_allclose(part, full, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               part_grads, full_grads)
+
+
+def test_encoder_of_no_blocks_selects_rows():
+  x = jax.random.normal(jax.random.key(0), (2, 4, 8))
+  rows = jnp.array([[3], [1]])
+  np.testing.assert_array_equal(_encoder(depth=0).apply({}, x, None, True, rows),
+                                x[jnp.arange(2)[:, None], rows])

@@ -17,7 +17,8 @@ Metrics:
     `block_until_ready`; examples_per_sec = batch / median step time. With the PyTorch peer
     the timed steps alternate with its steps (see below); both are warmed up first.
   compile_time_s: lowering plus compiling the train step.
-  model_tflops_per_step: XLA's count (`compiled.cost_analysis()['flops']`) of the step.
+  model_tflops_per_step: XLA's count (`compiled.cost_analysis()['flops']`) of the step; it
+    counts a loop body once, so with `model.scan_layers` it is that of one layer per tower.
   analytic_tflops_per_step: see `analytic_flops`.
   measured_ceiling_tflops: a jitted [n, n] @ [n, n] matmul of model-dtype inputs on the same
     device, accumulated in float32 like the model's (2 n^3 FLOPs), run once in each timed
@@ -96,9 +97,16 @@ def peak_tflops(device_kind: str) -> float | None:
   return None
 
 
-def _tower_matmul_params(tower) -> int:
-  """Weights of one transformer tower's matmuls: attention (q, k, v, out) and MLP."""
-  return tower.depth * (4 * tower.width ** 2 + 2 * tower.width * tower.mlp_dim)
+def _tower_flops(tower, batch_size: int, tokens: int, pooled_row_only: bool) -> float:
+  """Training FLOPs of one transformer tower's blocks (see `analytic_flops`)."""
+  d, mlp, depth = tower.width, tower.mlp_dim, tower.depth
+  flops = 6 * depth * (4 * d ** 2 + 2 * d * mlp) * batch_size * tokens
+  flops += 12 * depth * batch_size * tokens ** 2 * d
+  if pooled_row_only and depth:
+    # The last block's query, output and MLP weights and its scores skip T - 1 rows.
+    flops -= 6 * (2 * d ** 2 + 2 * d * mlp) * batch_size * (tokens - 1)
+    flops -= 12 * batch_size * tokens * (tokens - 1) * d
+  return flops
 
 
 def analytic_flops(config, batch_size: int) -> float:
@@ -110,19 +118,24 @@ def analytic_flops(config, batch_size: int) -> float:
     + 12 * l * B * T^2 * d attention scores and their weighted sum (2 * 2 T^2 d forward).
   The image tower adds its patch embedding (3 p^2 d weights over (S/p)^2 patches) and has
   T = (S/p)^2 + 1 tokens with a class token; the text tower has T = max_text_len (the causal
-  mask is counted as full attention, as it is computed). Each projection adds 6 * B * d * E,
-  the contrastive logits 6 * B^2 * E. Embedding lookups, layer norms, activations, softmaxes
-  and a MAP pooling head are not counted.
+  mask is counted as full attention, as it is computed). A tower that pools one token
+  (image 'cls', text 'eot', 'cls' or 'last') computes the last block's query, attention
+  output and MLP for that row alone (`vlm_jax.nn.transformer.Encoder`'s `rows`; not with
+  scanned layers), so its count for them is of one row, not T. Each projection adds
+  6 * B * d * E, the contrastive logits 6 * B^2 * E. Embedding lookups, layer norms,
+  activations, softmaxes and a MAP pooling head are not counted.
   """
   model, data = config.model, config.data
   image, text, embed = model.image, model.text, model.embed_dim
   patches = (data.image_size // image.patch_size) ** 2
   image_tokens = patches + (1 if image.pool == 'cls' else 0)
   text_tokens = data.max_text_len
+  pooled_rows = (not model.scan_layers and image.pool == 'cls',
+                 not model.scan_layers and text.pool in ('eot', 'cls', 'last'))
   flops = 0.0
-  for tower, tokens in ((image, image_tokens), (text, text_tokens)):
-    flops += 6 * _tower_matmul_params(tower) * batch_size * tokens
-    flops += 12 * tower.depth * batch_size * tokens ** 2 * tower.width
+  for tower, tokens, pooled_row_only in zip((image, text), (image_tokens, text_tokens),
+                                            pooled_rows):
+    flops += _tower_flops(tower, batch_size, tokens, pooled_row_only)
     flops += 6 * batch_size * tower.width * embed
   flops += 6 * 3 * image.patch_size ** 2 * image.width * batch_size * patches
   flops += 6 * batch_size ** 2 * embed

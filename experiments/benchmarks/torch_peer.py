@@ -4,7 +4,10 @@ Random weights from a `CLIPConfig` with the config's tower sizes; the same batch
 size and text length as the JAX benchmark; `torch.set_num_threads(os.cpu_count())`.
 `build_step` returns one train step as a callable that returns when the step is done (CUDA
 synchronised), which `run.py` times alternately with the JAX step; `examples_per_sec` times
-it alone (median step time).
+it alone (median step time). CLIPModel runs each tower's last block on every token, where
+vlm_jax's dual encoder runs it on the pooled token alone (its other outputs are unused; see
+`vlm_jax.nn.transformer.Encoder`): same losses and gradients, fewer FLOPs, and part of
+`speedup_vs_torch`.
 Needs `torch` and `transformers` (not dependencies of vlm_jax):
 
   pip install torch==2.13.0 transformers

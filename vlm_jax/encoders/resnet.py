@@ -184,9 +184,11 @@ class ResNet(nn.Module):
     return _avg_pool(x, 2)
 
   @nn.compact
-  def __call__(self, images: jax.Array, deterministic: bool = True
+  def __call__(self, images: jax.Array, deterministic: bool = True, pooled_only: bool = False
                ) -> tuple[jax.Array, jax.Array]:
-    del deterministic  # no dropout in the ResNet
+    # No dropout in the ResNet; its attention pool needs every token, so `pooled_only` (the
+    # towers' common argument, see `DualEncoder`) changes nothing.
+    del deterministic, pooled_only
     self._check()
     check_resnet_images(images, len(self.layers))
     block_cls = Bottleneck

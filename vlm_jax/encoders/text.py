@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from vlm_jax.encoders.common import check_choice
 from vlm_jax.nn.attention import causal_mask, combine_masks, padding_mask
-from vlm_jax.nn.pooling import cls_pool, eot_pool, mean_pool
+from vlm_jax.nn.pooling import cls_pool, eot_index, eot_pool, mean_pool
 from vlm_jax.nn.transformer import ACTIVATION_AXES, Encoder, layer_norm
 
 Dtype = Any
@@ -16,7 +16,8 @@ POOLS = ('eot', 'cls', 'mean', 'last')
 
 class TextTransformer(nn.Module):
   """Token ids [B, L] and mask [B, L] -> (pooled [B, D], tokens [B, L, D]), after the final
-  LayerNorm.
+  LayerNorm. With `pooled_only=True` and pool 'eot', 'cls' or 'last', tokens is None and the
+  last block computes the pooled token's row alone (see `Encoder`).
 
   Attributes:
     vocab_size: number of token ids.
@@ -67,9 +68,18 @@ class TextTransformer(nn.Module):
       x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_embed')(x)
     return x
 
+  def _pooled_row(self, text_mask: jax.Array) -> jax.Array | None:
+    """[B, 1] int: the position that the pool reads, or None for 'mean' (every row)."""
+    batch, length = text_mask.shape
+    if self.pool == 'eot':
+      return eot_index(text_mask)[:, None]
+    if self.pool in ('cls', 'last'):
+      return jnp.full((batch, 1), 0 if self.pool == 'cls' else length - 1, jnp.int32)
+    return None
+
   @nn.compact
-  def __call__(self, text_ids: jax.Array, text_mask: jax.Array, deterministic: bool = True
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, text_ids: jax.Array, text_mask: jax.Array, deterministic: bool = True,
+               pooled_only: bool = False) -> tuple[jax.Array, jax.Array | None]:
     """text_ids: [B, L] int; text_mask: [B, L] bool, True for real tokens (incl. EOS)."""
     check_choice('model.text.pool', self.pool, POOLS)
     if text_ids.ndim != 2 or text_mask.shape != text_ids.shape:
@@ -83,12 +93,15 @@ class TextTransformer(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic)
     mask = combine_masks(causal_mask(length) if self.causal else None,
                          padding_mask(text_mask) if self.mask_pad else None)  # [B|1, 1, L|1, L]
+    rows = self._pooled_row(text_mask) if pooled_only else None  # [B, 1] or None
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.dropout_rate,
                 self.layer_norm_eps, self.remat, self.scan_layers, self.dtype,
                 self.param_dtype, norm_first=not self.post_ln,
-                name='encoder')(x, mask, deterministic)  # [B, L, D]
+                name='encoder')(x, mask, deterministic, rows)  # [B, L | 1, D]
     if not self.post_ln:
       x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_final')(x)
+    if rows is not None:
+      return x[:, 0], None
     if self.pool == 'eot':
       pooled = eot_pool(x, text_mask)
     elif self.pool == 'cls':

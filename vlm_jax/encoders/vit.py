@@ -58,6 +58,8 @@ def drop_patches(rng: jax.Array, x: jax.Array, fraction: float, num_prefix: int 
 
 class ViT(nn.Module):
   """Images [B, H, W, 3] -> (pooled [B, D], tokens [B, N, D]), after the final LayerNorm.
+  With `pooled_only=True` and pool 'cls', tokens is None and the last block computes the
+  class token's row alone (see `Encoder`).
 
   N = H W / patch_size^2 (in training with patch_dropout, the kept patches), plus one with
   the class token (pool 'cls').
@@ -124,8 +126,8 @@ class ViT(nn.Module):
     return jnp.concatenate([pos[:extra], einops.rearrange(grid, 'h w d -> (h w) d')])
 
   @nn.compact
-  def __call__(self, images: jax.Array, deterministic: bool = True
-               ) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, images: jax.Array, deterministic: bool = True, pooled_only: bool = False
+               ) -> tuple[jax.Array, jax.Array | None]:
     check_choice('model.image.pool', self.pool, POOLS)
     check_choice('model.image.posemb', self.posemb, POSEMBS)
     check_images(images, self.patch_size)
@@ -146,10 +148,15 @@ class ViT(nn.Module):
     if self.ln_pre:
       x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_pre')(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic)
+    cls_only = pooled_only and self.pool == 'cls'
+    rows = jnp.zeros((batch, 1), jnp.int32) if cls_only else None
     x = Encoder(self.depth, self.num_heads, self.mlp_dim, self.activation, self.dropout_rate,
                 self.layer_norm_eps, self.remat, self.scan_layers, self.dtype,
-                self.param_dtype, name='encoder')(x, None, deterministic)  # [B, N(+1), D]
+                self.param_dtype, name='encoder')(x, None, deterministic, rows)
+    # x: [B, N(+1), D], or [B, 1, D] with cls_only
     x = layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, 'ln_post')(x)
+    if cls_only:
+      return x[:, 0], None
     if self.pool == 'cls':
       pooled = cls_pool(x)
     elif self.pool == 'map':

@@ -43,7 +43,10 @@ class LearnedTemperature:
 
 
 class DualEncoder(LearnedTemperature, nn.Module):
-  """Two towers, each `(inputs...) -> (pooled [B, D], tokens [B, N, D])`, and projections.
+  """Two towers, each `(inputs..., deterministic, pooled_only=False) -> (pooled [B, D],
+  tokens [B, N, D])`, and projections. `encode_image` and `encode_text` (and so `__call__`)
+  need the pooled outputs alone and pass `pooled_only=True`, with which a tower may skip
+  work that only its tokens need and return None for them.
 
   Attributes:
     image_encoder: images [B, H, W, 3] -> (pooled [B, Di], tokens).
@@ -99,12 +102,15 @@ class DualEncoder(LearnedTemperature, nn.Module):
 
   def encode_image(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
     """[B, H, W, 3] float -> [B, E] float32, unit L2 norm."""
-    return self.encode_image_tokens(images, deterministic)[0]
+    pooled, _ = self.image_encoder(images, deterministic=deterministic, pooled_only=True)
+    return l2_normalize(self.image_proj(pooled.astype(jnp.float32)))
 
   def encode_text(self, text_ids: jax.Array, text_mask: jax.Array,
                   deterministic: bool = True) -> jax.Array:
     """ids [B, L] int32, mask [B, L] bool -> [B, E] float32, unit L2 norm."""
-    return self.encode_text_tokens(text_ids, text_mask, deterministic)[0]
+    pooled, _ = self.text_encoder(text_ids, text_mask, deterministic=deterministic,
+                                  pooled_only=True)
+    return l2_normalize(self.text_proj(pooled.astype(jnp.float32)))
 
   def __call__(self, images: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                deterministic: bool = True) -> dict[str, jax.Array]:

@@ -56,6 +56,20 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
   return out
 
 
+def select_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """The rows `rows` [B, Q] int of each example of x [B, L, ...]: [B, Q, ...]."""
+  index = rows.reshape(rows.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
+def select_mask_rows(mask: jax.Array | None, rows: jax.Array) -> jax.Array | None:
+  """The query rows `rows` [B, Q] of a mask [B | 1, 1, Lq | 1, Lk]: [B, 1, Q | 1, Lk]."""
+  if mask is None or mask.shape[2] == 1:
+    return mask
+  mask = jnp.broadcast_to(mask, (rows.shape[0],) + mask.shape[1:])
+  return jnp.take_along_axis(mask, rows[:, None, :, None], axis=2)
+
+
 def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                          mask: jax.Array | None = None,
                          bias: jax.Array | None = None) -> jax.Array:
@@ -153,16 +167,21 @@ class MultiHeadAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
-  def _project(self, x: jax.Array, name: str, shape: tuple[int, ...],
-               axes: tuple[str | None, ...], init: Initializer) -> jax.Array:
-    """[B, L, D] `x` through a new projection `name` (kernel `shape` [D, ...], bias
-    [shape[1:]]), returning [B, L, *shape[1:]]."""
+  def _projection(self, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+                  init: Initializer) -> tuple[jax.Array, jax.Array | None]:
+    """A new projection `name`: (kernel `shape` [D, ...], bias [shape[1:]] or None)."""
     kernel = _param(self, f'{name}_kernel', init, shape, axes, self.param_dtype)
     bias = None
     if self.use_bias:
       bias = _param(self, f'{name}_bias', nn.initializers.zeros, shape[1:], axes[1:],
                     self.param_dtype)
-    return self._dense(x, kernel, bias, 1)
+    return kernel, bias
+
+  def _project(self, x: jax.Array, name: str, shape: tuple[int, ...],
+               axes: tuple[str | None, ...], init: Initializer) -> jax.Array:
+    """[B, L, D] `x` through a new projection `name` (see `_projection`), returning
+    [B, L, *shape[1:]]."""
+    return self._dense(x, *self._projection(name, shape, axes, init), 1)
 
   def _dense(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
              num_in: int) -> jax.Array:
@@ -173,7 +192,8 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array | None = None,
-               mask: jax.Array | None = None, bias: jax.Array | None = None) -> jax.Array:
+               mask: jax.Array | None = None, bias: jax.Array | None = None,
+               query_rows: jax.Array | None = None) -> jax.Array:
     """Attends from `inputs_q` to `inputs_kv` (itself when None).
 
     Each projection is one 2-D matmul of the [B L, D] tokens (queries, keys and values come
@@ -188,21 +208,34 @@ class MultiHeadAttention(nn.Module):
       inputs_kv: [B, Lk, Dkv] or None for self-attention.
       mask: bool, broadcastable to [B, H, Lq, Lk]; True = attend.
       bias: additive logits bias, broadcastable to [B, H, Lq, Lk].
+      query_rows: self-attention only: [B, Q] int, the positions of `inputs_q` whose outputs
+        are wanted. Only those Q rows are projected to queries and attend (keys and values
+        still come from every row); `mask` and `bias` then broadcast to [B, H, Q, Lk].
 
     Returns:
-      [B, Lq, out_features].
+      [B, Lq, out_features], or [B, Q, out_features] with `query_rows`.
     """
     width = inputs_q.shape[-1]
     heads = self.num_heads
     if self.head_dim is None and width % heads:
       raise ValueError(f'Attention width {width} is not divisible by num_heads={heads}.')
     head_dim = self.head_dim or width // heads
+    if query_rows is not None and inputs_kv is not None:
+      raise ValueError('query_rows applies to self-attention only (inputs_kv=None).')
     if inputs_kv is None:
-      qkv = self._project(inputs_q, 'qkv', (width, 3, heads, head_dim),
-                          ('embed', None, 'heads', 'kv'), QKV_INIT)  # [B, L, 3, H, K]
-      # Unstacked, not indexed: the gradient is then one concatenation, not three padded
-      # adds (in bf16 on CPU the :bench step is 8% faster).
-      q, k, v = jnp.unstack(qkv, axis=2)
+      kernel, qkv_bias = self._projection('qkv', (width, 3, heads, head_dim),
+                                          ('embed', None, 'heads', 'kv'), QKV_INIT)
+      if query_rows is None:
+        qkv = self._dense(inputs_q, kernel, qkv_bias, 1)  # [B, L, 3, H, K]
+        # Unstacked, not indexed: the gradient is then one concatenation, not three padded
+        # adds (in bf16 on CPU the :bench step is 8% faster).
+        q, k, v = jnp.unstack(qkv, axis=2)
+      else:
+        part = lambda b, i: None if b is None else b[i]
+        q = self._dense(select_rows(inputs_q, query_rows), kernel[:, 0],
+                        part(qkv_bias, 0), 1)  # [B, Q, H, K]
+        kv = self._dense(inputs_q, kernel[:, 1:], part(qkv_bias, slice(1, None)), 1)
+        k, v = jnp.unstack(kv, axis=2)  # [B, L, H, K] each
     else:
       q = self._project(inputs_q, 'query', (width, heads, head_dim),
                         ('embed', 'heads', 'kv'), Q_INIT)  # [B, Lq, H, K]
