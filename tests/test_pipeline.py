@@ -213,3 +213,14 @@ def test_normalize_images_against_the_per_channel_formula(small_data_cfg):
     got = pipeline.normalize_images(batch, small_data_cfg)
     assert got.dtype == np.float32 and got.shape == batch.shape
     np.testing.assert_allclose(got, want[(0,) * (4 - batch.ndim)], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('n,b,seed', [(10, 4, 3), (7, 3, 2**32 - 2), (1000, 64, 12345)])
+def test_example_ids_follow_grains_shuffled_repeated_batches(n, b, seed):
+  """The stream's order is that of grain's range().shuffle().repeat().batch(), epochs
+  crossed inside a batch included."""
+  import grain  # pylint: disable=g-import-not-at-top
+  reference = grain.MapDataset.range(n).shuffle(seed=seed).repeat().batch(b)
+  for index in (0, 1, 2, 5, 15, 16, 17, 40):
+    ids = pipeline._example_ids(index, batch_size=b, num_examples=n, shuffle_seed=seed)
+    np.testing.assert_array_equal(ids, reference[index])

@@ -1,7 +1,14 @@
-"""Field reads from serialised records, and `parse_each`'s reused message."""
+"""Field reads from serialised records, `parse_each`'s reused message, and the ArrayRecord
+source of raw records."""
+import pickle
+
 import numpy as np
+import pytest
+import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
+from vlm_jax.data import array_records
+from vlm_jax.data import datasets
 from vlm_jax.data import records
 
 
@@ -123,3 +130,19 @@ def test_decode_images_errors():
   for batch in ([good, bytes(damaged)], [bytes(damaged), good]):
     with pytest.raises((OSError, ValueError, SyntaxError)):
       records.decode_images(batch)
+
+
+@pytest.mark.parametrize('split', ['train', 'train[3:150]', 'test'])
+def test_array_record_source_reads_what_tfds_reads(shapes_small_cfg, split):
+  ours = datasets.data_source(shapes_small_cfg, split, raw=True)
+  assert isinstance(ours, array_records.ArrayRecordSource)
+  reference = datasets.get_builder(shapes_small_cfg).as_data_source(
+      split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  n = len(reference)
+  assert len(ours) == n
+  keys = [int(k) for k in np.random.default_rng(0).integers(0, n, 50)] + [n - 1, 0, 0]
+  assert ours.__getitems__(keys) == reference.__getitems__(keys)
+  assert ours[n - 1] == ours[-1] == reference[n - 1]
+  assert pickle.loads(pickle.dumps(ours))[7] == reference[7]
+  with pytest.raises(IndexError, match=f'in \\[0, {n}\\)'):
+    ours.__getitems__([0, n])

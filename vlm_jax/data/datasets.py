@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import ml_collections
 import tensorflow_datasets as tfds
 
+from vlm_jax.data import array_records
 from vlm_jax.data import image_text_folder
 from vlm_jax.data import records
 from vlm_jax.data import shapes
@@ -137,8 +138,9 @@ def data_source(data_cfg: ml_collections.ConfigDict, split: str, *,
     data_cfg: the `data` config group.
     split: a split name ('train', ...) or a tfds slice of one ('train[:100]').
     raw: if True, elements are the serialised records (bytes; read fields with
-      `vlm_jax.data.records`); otherwise dicts of numpy values, with images uint8 [S, S, 3]
-      and text fields as bytes.
+      `vlm_jax.data.records`), from an `array_records.ArrayRecordSource` for ArrayRecord
+      builds; otherwise dicts of numpy values, with images uint8 [S, S, 3] and text fields
+      as bytes.
   """
   builder = get_builder(data_cfg)
   if not builder.is_prepared():
@@ -148,6 +150,8 @@ def data_source(data_cfg: ml_collections.ConfigDict, split: str, *,
   if split.split('[')[0] not in splits:  # 'train[:100]' style slices are fine
     raise ValueError(f'Unknown split {split!r} of {data_cfg.name}/{data_cfg.builder_config}; '
                      f'accepted: {splits}.')
+  if raw and builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+    return array_records.ArrayRecordSource(builder.info.splits[split].file_instructions)
   if raw:
     return builder.as_data_source(
         split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)

@@ -7,6 +7,7 @@ of P reads the p-th of its P equal slices, so the processes together see exactly
 single process would, and the iterator's state is just the next step.
 """
 import functools
+import sys
 from typing import Any, Sequence
 
 import grain
@@ -50,6 +51,24 @@ def _hash(seed: int, index: int) -> int:
   x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
   x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
   return x ^ (x >> 31)
+
+
+def _example_ids(batch_index: int, *, batch_size: int, num_examples: int,
+                 shuffle_seed: int) -> np.ndarray:
+  """The example indices [b] of batch `batch_index` of the train stream.
+
+  Element j = batch_index * b + r of the stream is example `index_shuffle(j mod n)` of epoch
+  j // n with seed `shuffle_seed + epoch`: the order of grain's
+  `MapDataset.range(n).shuffle(shuffle_seed).repeat().batch(b)`, computed without its
+  per-element dataset calls (which cost about 20 us per example).
+  """
+  n = num_examples
+  ids = np.empty(batch_size, np.int64)
+  for r in range(batch_size):
+    epoch, k = divmod(batch_index * batch_size + r, n)
+    ids[r] = grain.experimental.index_shuffle(k, max_index=n - 1,
+                                              seed=(shuffle_seed + epoch) % 2**32, rounds=4)
+  return ids
 
 
 def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[bytes],
@@ -197,9 +216,10 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
   # grain reshuffles epoch e with seed + e: hash the seed so that runs with seeds s and s + 1
   # do not share their epoch orders.
   shuffle_seed = _hash(seed, _SHUFFLE_STREAM) % 2**32
-  # Element j of the stream -> an example index; reshuffled every epoch.
-  ds = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed).repeat()
-  ds = ds.batch(global_batch_size // process_count)  # [b] example indices
+  batch_size = global_batch_size // process_count
+  # Batch index -> its [b] example indices; reshuffled every epoch.
+  ds = grain.MapDataset.range(sys.maxsize // batch_size).map(functools.partial(
+      _example_ids, batch_size=batch_size, num_examples=len(source), shuffle_seed=shuffle_seed))
   ds = ds.map_with_index(functools.partial(
       _read_batch, source=source, seed=seed, data_cfg=data_cfg, tokenizer=tokenizer))
   return ds[process_index::process_count]
