@@ -27,7 +27,9 @@ Metrics:
     measured ceiling, and over the device's dense bf16 peak (`PEAK_TFLOPS`; null on CPU).
   peak_memory_bytes: compiled temp + argument + output bytes of the step (also reported
     apart), and `device_peak_bytes_in_use` from `device.memory_stats()` where available.
-  pipeline_examples_per_sec: the grain train iterator alone; pipeline_vs_step_ratio is it
+  pipeline_examples_per_sec: batch size over the median time of reading one batch of the
+    train dataset on one thread (`pipeline_reader`: what the train iterator's worker does
+    per batch), one batch per timed round, beside the steps; pipeline_vs_step_ratio is it
     over examples_per_sec (> 1: the input pipeline keeps up with training).
   eval_embed_images_per_sec: `Embedder.images` on synthetic images, eval batch size.
   torch_examples_per_sec: the PyTorch peer (`torch_peer.py`), batch / median of its step
@@ -178,8 +180,14 @@ def synthetic_batch(config, vocab_size: int, seed: int = 0) -> dict:
   return out
 
 
-def measure_pipeline(config, batches: int) -> tuple[float | None, Any]:
-  """(examples/s of the grain train iterator alone, the tokenizer); builds the dataset."""
+def pipeline_reader(config) -> tuple[Callable[[], Any] | None, Any]:
+  """(a call that reads the next batch of the train dataset on the calling thread, the
+  tokenizer), or (None, None) when the dataset cannot be built; builds it on first use.
+
+  A call runs what the train iterator's worker runs per batch (`pipeline.make_train_dataset`
+  element: records read, decoded, augmented, normalised, tokenised), without grain's
+  prefetch threads, so that it can be timed in the same rounds as the step.
+  """
   from vlm_jax.data import datasets, pipeline  # pylint: disable=g-import-not-at-top
   try:
     datasets.ensure_built(config.data)
@@ -187,15 +195,12 @@ def measure_pipeline(config, batches: int) -> tuple[float | None, Any]:
     logging.warning('Pipeline not measured, the dataset could not be built: %s', e)
     return None, None
   tokenizer = datasets.load_tokenizer(config.data)
-  iterator = pipeline.make_train_iterator(config.data, tokenizer, config.train.batch_size,
-                                          seed=config.seed)
-  for _ in range(2):  # start the threads, fill the prefetch buffer
-    next(iterator)
-  start = time.perf_counter()
-  for _ in range(batches):
-    next(iterator)
-  seconds = time.perf_counter() - start
-  return batches * config.train.batch_size / seconds, tokenizer
+  dataset = pipeline.make_train_dataset(config.data, tokenizer, config.train.batch_size,
+                                        seed=config.seed)
+  index = iter(range(len(dataset)))
+  read = lambda: dataset[next(index)]
+  read()  # opens the record files
+  return read, tokenizer
 
 
 def single_device_config(config) -> None:
@@ -226,14 +231,16 @@ def _memory_of(compiled) -> dict:
 
 def measure_step(config, vocab_size: int, steps: int, warmup: int,
                  peer: Callable[[], Any] | None = None, ceiling_size: int = 0,
-                 profile_dir: str | None = None
+                 profile_dir: str | None = None, read_batch: Callable[[], Any] | None = None
                  ) -> tuple[dict, Any, Any, list[float], list[float] | None]:
   """Compiles and times the train step on one device.
 
   With `peer` (a step that blocks until done), each warm-up and timed step of JAX is followed
-  by one of `peer`. With `ceiling_size`, each timed round ends with the ceiling matmul
+  by one of `peer`. With `ceiling_size`, each timed round then runs the ceiling matmul
   (`ceiling_matmul`), so that the ceiling is measured under the same load as the step
-  (`measured_ceiling_tflops`, median of the rounds). With `profile_dir`, `PROFILE_STEPS`
+  (`measured_ceiling_tflops`, median of the rounds), and with `read_batch` (see
+  `pipeline_reader`) reads one input batch (`pipeline_examples_per_sec`, batch size over the
+  median of the rounds; None without it). With `profile_dir`, `PROFILE_STEPS`
   more steps are traced there and the slowest kernels printed (`kernel_profile`). Returns
   (metrics, setup, params, JAX step times, peer step times or None).
   """
@@ -261,7 +268,11 @@ def measure_step(config, vocab_size: int, steps: int, warmup: int,
   ceiling = None
   if ceiling_size:
     ceiling, ceiling_flops = ceiling_matmul(device, config.model.dtype, ceiling_size)
-  times = timing.interleaved_seconds(fns + ([ceiling] if ceiling else []), steps)
+  if read_batch is not None:
+    read_batch()  # a warm-up read beside the warm-up steps
+  extras = [fn for fn in (ceiling, read_batch) if fn is not None]
+  times = timing.interleaved_seconds(fns + extras, steps)
+  extra_times = dict(zip(extras, times[len(fns):]))
   step_time = statistics.median(times[0])
   if profile_dir:
     hlo = compiled.as_text()
@@ -281,7 +292,11 @@ def measure_step(config, vocab_size: int, steps: int, warmup: int,
   }
   if ceiling:
     metrics['matmul_size'] = ceiling_size
-    metrics['measured_ceiling_tflops'] = ceiling_flops / statistics.median(times[-1]) / 1e12
+    metrics['measured_ceiling_tflops'] = (
+        ceiling_flops / statistics.median(extra_times[ceiling]) / 1e12)
+  metrics['pipeline_examples_per_sec'] = (
+      config.train.batch_size / statistics.median(extra_times[read_batch])
+      if read_batch is not None else None)
   return metrics, setup, state.params, times[0], (times[1] if peer is not None else None)
 
 
@@ -324,8 +339,7 @@ def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_
   from vlm_jax.training import trainer  # pylint: disable=g-import-not-at-top
   single_device_config(config)
   device = jax.devices()[0]
-  pipeline_rate, tokenizer = (measure_pipeline(config, max(steps, 100)) if with_pipeline
-                              else (None, None))
+  read_batch, tokenizer = pipeline_reader(config) if with_pipeline else (None, None)
   tokenizer = tokenizer or datasets.tokenizer_if_built(config.data)
   if tokenizer is not None:
     trainer.resolve_config(config, tokenizer)
@@ -341,7 +355,7 @@ def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_
   size = matmul_size or (2048 if jax.default_backend() == 'cpu' else 8192)
   step_metrics, setup, params, jax_seconds, torch_seconds = measure_step(
       config, vocab, steps, warmup, peer[0] if peer else None, ceiling_size=size,
-      profile_dir=profile_dir)
+      profile_dir=profile_dir, read_batch=read_batch)
   results.update(step_metrics)
   analytic = analytic_flops(config, config.train.batch_size)
   results['analytic_tflops_per_step'] = analytic / 1e12
@@ -350,8 +364,8 @@ def benchmark(config, steps: int, warmup: int, torch_mode: str = 'auto', matmul_
   results['mfu_vs_measured_ceiling'] = _ratio(achieved, results['measured_ceiling_tflops'])
   results['peak_tflops'] = peak_tflops(device.device_kind)
   results['mfu_vs_peak'] = _ratio(achieved, results['peak_tflops'])
-  results['pipeline_examples_per_sec'] = pipeline_rate
-  results['pipeline_vs_step_ratio'] = _ratio(pipeline_rate, results['examples_per_sec'])
+  results['pipeline_vs_step_ratio'] = _ratio(results['pipeline_examples_per_sec'],
+                                              results['examples_per_sec'])
   results['eval_embed_images_per_sec'] = measure_embed(
       config, setup.model, params, 2 * config.eval.batch_size)
   results.update(timing.torch_metrics(jax_seconds, torch_seconds, peer[1] if peer else None))

@@ -62,12 +62,12 @@ def _example_ids(batch_index: int, *, batch_size: int, num_examples: int,
   `MapDataset.range(n).shuffle(shuffle_seed).repeat().batch(b)`, computed without its
   per-element dataset calls (which cost about 20 us per example).
   """
-  n = num_examples
+  n, index_shuffle = num_examples, grain.experimental.index_shuffle
   ids = np.empty(batch_size, np.int64)
   for r in range(batch_size):
     epoch, k = divmod(batch_index * batch_size + r, n)
-    ids[r] = grain.experimental.index_shuffle(k, max_index=n - 1,
-                                              seed=(shuffle_seed + epoch) % 2**32, rounds=4)
+    # (index, max_index, seed, rounds), positional: keywords cost 1 us more per call.
+    ids[r] = index_shuffle(k, n - 1, (shuffle_seed + epoch) % 2**32, 4)
   return ids
 
 
