@@ -4,10 +4,11 @@
 
 Variants: '' (default: 2-layer width-128 ViT/text towers, 32 px, batch 128), 'tiny' (tests,
 seconds), 'bench' (width 512, 6 layers per tower, 64 px, patch 8, text length 32, batch 64).
-Result on 2 cores of an AMD EPYC (default variant, seed 0): eval/test_novel/zeroshot_top1 0.853,
-eval/test/zeroshot_top1 0.999, eval/test/i2t_recall@1 0.303 (0.867, 0.999, 0.301 before the
-float32 gradient products of vlm_jax.nn.ops.einsum, which round differently, in 6 min 32 s
-of wall time from a fresh data directory, dataset build 33 s included). On a 2-core Intel
+Result on 2 cores of an AMD EPYC (default variant, seed 0): eval/test_novel/zeroshot_top1 0.871,
+eval/test/zeroshot_top1 0.998, eval/test/i2t_recall@1 0.301 in 5 min 1 s with the dataset
+built (0.853, 0.999, 0.303 in 6 min 32 s from a fresh data directory before the dual
+encoder computed the last blocks for the pooled rows alone; 0.867, 0.999, 0.301 before the
+float32 gradient products of vlm_jax.nn.ops.einsum; each rounds differently). On a 2-core Intel
 Xeon (AVX-512, AMX), before those products: test_novel 0.883 in 8 min 12 s from a fresh data
 directory (0.909 before the 2-D matmuls of vlm_jax.nn.transformer.Dense).
 """
