@@ -55,9 +55,7 @@ class ArrayRecordSource(Sequence[bytes]):
       raise IndexError(f'Record keys must be in [0, {len(self)}); got min {keys.min()}, '
                        f'max {keys.max()}.')
     shards = np.searchsorted(self._ends, keys, side='right')
-    starts = np.concatenate([[0], self._ends[:-1]])[shards]
-    skips = np.asarray([skip for _, skip, _ in self._files], np.int64)[shards]
-    return shards, keys - starts + skips
+    return shards, keys + self._offsets[shards]
 
   def __getitem__(self, key: int) -> bytes:
     (shard,), (position,) = self._locate([key + len(self) if key < 0 else key])
@@ -79,5 +77,8 @@ class ArrayRecordSource(Sequence[bytes]):
   def __setstate__(self, state: dict) -> None:
     self._files = state['files']
     self._ends = np.cumsum([take for _, _, take in self._files], dtype=np.int64)
+    # A key of shard s is record key - start(s) + skip(s) of its file.
+    starts = np.concatenate([[0], self._ends[:-1]]).astype(np.int64)
+    self._offsets = np.asarray([skip for _, skip, _ in self._files], np.int64) - starts
     self._readers = [None] * len(self._files)
     self._lock = threading.Lock()

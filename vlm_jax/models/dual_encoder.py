@@ -88,29 +88,38 @@ class DualEncoder(LearnedTemperature, nn.Module):
                       if self.text_projection else identity)
     self.init_temperature()
 
+  def _image_tower(self, images: jax.Array, deterministic: bool, pooled_only: bool
+                   ) -> tuple[jax.Array, jax.Array | None]:
+    """(embedding [B, E] float32 unit norm, tower tokens [B, N, Di] or None)."""
+    pooled, tokens = self.image_encoder(images, deterministic=deterministic,
+                                        pooled_only=pooled_only)  # [B, Di]
+    return l2_normalize(self.image_proj(pooled.astype(jnp.float32))), tokens
+
+  def _text_tower(self, text_ids: jax.Array, text_mask: jax.Array, deterministic: bool,
+                  pooled_only: bool) -> tuple[jax.Array, jax.Array | None]:
+    """(embedding [B, E] float32 unit norm, tower tokens [B, L, Dt] or None)."""
+    pooled, tokens = self.text_encoder(text_ids, text_mask, deterministic=deterministic,
+                                       pooled_only=pooled_only)  # [B, Dt]
+    return l2_normalize(self.text_proj(pooled.astype(jnp.float32))), tokens
+
   def encode_image_tokens(self, images: jax.Array, deterministic: bool = True
                           ) -> tuple[jax.Array, jax.Array]:
     """[B, H, W, 3] -> (embedding [B, E] float32 unit norm, tower tokens [B, N, Di])."""
-    pooled, tokens = self.image_encoder(images, deterministic=deterministic)  # [B, Di]
-    return l2_normalize(self.image_proj(pooled.astype(jnp.float32))), tokens
+    return self._image_tower(images, deterministic, pooled_only=False)
 
   def encode_text_tokens(self, text_ids: jax.Array, text_mask: jax.Array,
                          deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     """ids [B, L], mask [B, L] -> (embedding [B, E] float32 unit norm, tokens [B, L, Dt])."""
-    pooled, tokens = self.text_encoder(text_ids, text_mask, deterministic=deterministic)
-    return l2_normalize(self.text_proj(pooled.astype(jnp.float32))), tokens
+    return self._text_tower(text_ids, text_mask, deterministic, pooled_only=False)
 
   def encode_image(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
     """[B, H, W, 3] float -> [B, E] float32, unit L2 norm."""
-    pooled, _ = self.image_encoder(images, deterministic=deterministic, pooled_only=True)
-    return l2_normalize(self.image_proj(pooled.astype(jnp.float32)))
+    return self._image_tower(images, deterministic, pooled_only=True)[0]
 
   def encode_text(self, text_ids: jax.Array, text_mask: jax.Array,
                   deterministic: bool = True) -> jax.Array:
     """ids [B, L] int32, mask [B, L] bool -> [B, E] float32, unit L2 norm."""
-    pooled, _ = self.text_encoder(text_ids, text_mask, deterministic=deterministic,
-                                  pooled_only=True)
-    return l2_normalize(self.text_proj(pooled.astype(jnp.float32)))
+    return self._text_tower(text_ids, text_mask, deterministic, pooled_only=True)[0]
 
   def __call__(self, images: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                deterministic: bool = True) -> dict[str, jax.Array]:
