@@ -151,6 +151,7 @@ def test_the_build_is_cached_until_the_captions_change(tmp_path):
   cfg = _data_cfg(folder, tmp_path / 'tfds')
   first = image_text_folder.builder_config(cfg).name
   datasets.ensure_built(cfg)
+  assert datasets.raw_image_shape(cfg) is None  # PNG files, not raw pixels
   report = image_text_folder.report_path(cfg)
   built_at = os.stat(report).st_mtime_ns
   (folder / 'rgb.jpg').touch()  # images are not part of the key; the captions file is

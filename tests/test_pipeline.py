@@ -1,13 +1,16 @@
 """The input pipeline: batches, determinism, exact resume, process sharding, flips, errors."""
+import functools
 import itertools
 import json
 import os
 
 import numpy as np
 import pytest
+from tensorflow_datasets.proto import tf_example_pb2
 
 from vlm_jax.data import datasets
 from vlm_jax.data import pipeline
+from vlm_jax.data import records
 from vlm_jax.data import shapes
 from vlm_jax.data import shapes_text
 
@@ -53,6 +56,31 @@ def test_labels_name_the_object_of_one_object_images(small_data_cfg, tok):
       assert {color, shape} <= words, (text, shapes.CLASS_NAMES[label])
     else:
       assert words & set(shapes.COLORS), text  # (the second object may be truncated off)
+
+
+def test_raw_and_png_records_give_the_same_batches(small_data_cfg, tok):
+  """The raw-pixel build against the same records with their images stored as PNG files
+  (the path of `image_text_folder` builds and of shapes builds before version 2)."""
+  small_data_cfg.hard_negatives = small_data_cfg.labels = small_data_cfg.flip = True
+  raw = datasets.data_source(small_data_cfg, 'train', raw=True)
+  ids = (np.arange(40) * 37) % len(raw)
+  as_png = {}
+  for i in ids:
+    example = records.parse(raw[int(i)])
+    pixels = np.frombuffer(records.encoded_image(example), np.uint8).reshape(32, 32, 3)
+    as_png[int(i)] = _with_image(raw[int(i)], shapes._encode(pixels, 'png'))  # pylint: disable=protected-access
+  read = functools.partial(pipeline._read_batch, 3, ids, seed=5, data_cfg=small_data_cfg,  # pylint: disable=protected-access
+                           tokenizer=tok)
+  want = read(source=raw, raw_image_shape=(32, 32, 3))
+  got = read(source=as_png)
+  assert want['image'].shape == (40, 32, 32, 3)
+  _assert_batches_equal([got], [want])
+
+
+def _with_image(record: bytes, image: bytes) -> bytes:
+  example = tf_example_pb2.Example.FromString(record)
+  example.features.feature['image'].bytes_list.value[0] = image
+  return example.SerializeToString()
 
 
 def test_deterministic_for_a_seed(small_data_cfg, tok):

@@ -42,7 +42,7 @@ def test_parse_each_on_dataset_records(small_data_cfg):
   serialized = [source[i] for i in range(20)]
   for features, record in zip(records.parse_each(serialized), serialized, strict=True):
     alone = records.parse(record)
-    np.testing.assert_array_equal(records.image(features), records.image(alone))
+    assert records.encoded_image(features) == records.encoded_image(alone)
     assert records.texts(features, 'captions') == records.texts(alone, 'captions')
 
 
@@ -130,6 +130,26 @@ def test_decode_images_errors():
   for batch in ([good, bytes(damaged)], [bytes(damaged), good]):
     with pytest.raises((OSError, ValueError, SyntaxError)):
       records.decode_images(batch)
+
+
+def test_raw_images_are_the_row_major_pixels():
+  arrays = np.random.RandomState(2).randint(0, 256, (3, 5, 4, 3)).astype(np.uint8)
+  got = records.raw_images([a.tobytes() for a in arrays], (5, 4, 3))
+  assert got.dtype == np.uint8 and got.shape == (3, 5, 4, 3)
+  np.testing.assert_array_equal(got, arrays)
+  got[:, 0] = 0  # a new, writable array
+  with pytest.raises(ValueError, match=r'Image 1 of the batch has 59 bytes; raw uint8 '
+                                       r'\[5, 4, 3\] images have 60\.'):
+    records.raw_images([arrays[0].tobytes(), arrays[1].tobytes()[:-1]], (5, 4, 3))
+
+
+def test_shapes_records_hold_raw_pixels(small_data_cfg):
+  assert datasets.raw_image_shape(small_data_cfg) == (32, 32, 3)
+  raw = datasets.data_source(small_data_cfg, 'test', raw=True)
+  decoded = datasets.data_source(small_data_cfg, 'test')
+  values = [records.encoded_image(records.parse(raw[i])) for i in range(5)]
+  np.testing.assert_array_equal(records.raw_images(values, (32, 32, 3)),
+                                np.stack([decoded[i]['image'] for i in range(5)]))
 
 
 @pytest.mark.parametrize('split', ['train', 'train[3:150]', 'test'])

@@ -12,6 +12,7 @@ import tempfile
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 import tensorflow_datasets as tfds
 
 from vlm_jax.data import array_records
@@ -156,6 +157,20 @@ def data_source(data_cfg: ml_collections.ConfigDict, split: str, *,
     return builder.as_data_source(
         split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
   return builder.as_data_source(split)
+
+
+def raw_image_shape(data_cfg: ml_collections.ConfigDict) -> tuple[int, int, int] | None:
+  """(S, S, 3) when the build's records hold images as raw uint8 pixels (a tfds `Tensor`
+  feature: read them with `records.raw_images`), None when as PNG or JPEG files (an
+  `Image` feature: `records.decode_images`)."""
+  feature = get_builder(data_cfg).info.features['image']
+  if isinstance(feature, tfds.features.Tensor):
+    if feature.np_dtype != np.uint8 or len(feature.shape) != 3:
+      raise ValueError(f'{data_cfg.name}/{data_cfg.builder_config} stores images as '
+                       f'{feature.np_dtype} {feature.shape}; raw images must be uint8 '
+                       f'[S, S, 3].')
+    return tuple(feature.shape)
+  return None
 
 
 def image_size(data_cfg: ml_collections.ConfigDict) -> int:

@@ -73,8 +73,11 @@ def _example_ids(batch_index: int, *, batch_size: int, num_examples: int,
 
 def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[bytes],
                 seed: int, data_cfg: ml_collections.ConfigDict,
-                tokenizer: tokenizer_lib.Tokenizer) -> Batch:
+                tokenizer: tokenizer_lib.Tokenizer,
+                raw_image_shape: tuple[int, int, int] | None = None) -> Batch:
   """Reads, augments, normalises and tokenises the b examples of one batch at once.
+
+  `raw_image_shape` is (S, S, 3) when the records hold raw pixels, None for PNG or JPEG.
 
   Element r of batch `batch_index` is element j = batch_index * b + r of the stream; its
   caption and flip come from a hash of (seed, j), so they change from epoch to epoch.
@@ -99,7 +102,7 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
     caption = options[h % len(options)]
     if drop_color and _hash(seed + 1, batch_index * size + r) < drop_below:
       caption = shapes_text.drop_colors(caption, records.texts(features, 'objects/color'))
-    encoded.append(records.encoded_image(features))  # decoded below, all at once
+    encoded.append(records.encoded_image(features))  # read below, all at once
     negative = (_hard_negative(features, caption, h, negative_kinds) if with_negatives
                 else '')
     question, answer = _question_answer(features, h) if with_vqa else ('', '')
@@ -115,7 +118,8 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
     answers.append(answer)
     captions.append(caption)
     negatives.append(negative)
-  images = records.decode_images(encoded)  # [b, S, S, 3] uint8
+  images = (records.raw_images(encoded, raw_image_shape) if raw_image_shape
+            else records.decode_images(encoded))  # [b, S, S, 3] uint8
   images[flipped] = images[flipped, :, ::-1]
   ids, mask = tokenizer.encode_batch(captions, data_cfg.max_text_len)  # [b, L] each
   batch = {'image': normalize_images(images, data_cfg),  # [b, S, S, 3] float32
@@ -221,7 +225,8 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
   ds = grain.MapDataset.range(sys.maxsize // batch_size).map(functools.partial(
       _example_ids, batch_size=batch_size, num_examples=len(source), shuffle_seed=shuffle_seed))
   ds = ds.map_with_index(functools.partial(
-      _read_batch, source=source, seed=seed, data_cfg=data_cfg, tokenizer=tokenizer))
+      _read_batch, source=source, seed=seed, data_cfg=data_cfg, tokenizer=tokenizer,
+      raw_image_shape=datasets.raw_image_shape(data_cfg)))
   return ds[process_index::process_count]
 
 

@@ -38,7 +38,9 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_validation: int = 1000
   num_test: int = 2000
   num_test_novel: int = 1000
-  encoding: str = 'png'  # 'png' (exact) or 'jpeg' (smaller files for large images)
+  # How records store images: 'raw' (uint8 pixels: nothing to decode, and noisy scenes
+  # compress no better as PNG), 'png' (exact) or 'jpeg' (smaller files for large images).
+  encoding: str = 'raw'
 
   def num_examples(self, split: str) -> int:
     return getattr(self, f'num_{split}')
@@ -84,8 +86,12 @@ def _encode(image: np.ndarray, encoding: str) -> bytes:
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Procedural scenes of coloured shapes (see the module docstring)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('2.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'First release.',
+      '2.0.0': 'Same scenes; 32px, 64px and 32px_small store raw uint8 pixels instead of '
+               'PNG files (the train pipeline reads them without decoding).',
+  }
   BUILDER_CONFIGS = [
       ShapesConfig(name='32px', image_size=32, description='32x32 scenes.'),
       ShapesConfig(name='64px', image_size=64, description='64x64 scenes.'),
@@ -101,12 +107,18 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    size = self.builder_config.image_size
+    config = self.builder_config
+    shape = (config.image_size, config.image_size, 3)
+    if config.encoding == 'raw':  # one bytes value of S * S * 3 pixels, row-major
+      image = tfds.features.Tensor(shape=shape, dtype=np.uint8,
+                                   encoding=tfds.features.Encoding.BYTES)
+    else:
+      image = tfds.features.Image(shape=shape, dtype=np.uint8,
+                                  encoding_format=config.encoding)
     text = tfds.features.Text()
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(size, size, 3), dtype=np.uint8,
-                                         encoding_format=self.builder_config.encoding),
+            'image': image,
             'captions': tfds.features.Sequence(text),
             'label': tfds.features.ClassLabel(names=CLASS_NAMES),
             'num_objects': tfds.features.Scalar(dtype=np.int32),
@@ -128,5 +140,6 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     for index in range(config.num_examples(split)):
       example = draw_example(split, index, config.image_size)
-      example['image'] = _encode(example['image'], config.encoding)
+      if config.encoding != 'raw':  # tfds stores raw pixels itself
+        example['image'] = _encode(example['image'], config.encoding)
       yield index, example
