@@ -43,6 +43,36 @@ def test_mask_tokens_80_10_10_and_only_maskable_positions():
   assert (chosen == 7).mean() == pytest.approx(0.1, abs=0.01)
 
 
+def test_token_probabilities_raise_word_classes_over_the_base():
+  table = mlm.token_probabilities(8, 0.15, [(0.9, [3, 5]), (0.5, [5, 6]), (0.0, [7])])
+  np.testing.assert_allclose(table, [0.15, 0.15, 0.15, 0.9, 0.15, 0.9, 0.5, 0.15])
+  with pytest.raises(ValueError, match=r'\[0, 8\)'):
+    mlm.token_probabilities(8, 0.15, [(0.9, [8])])
+
+
+def test_mask_tokens_select_each_token_with_its_own_probability():
+  # Token 7 (a focused word) beside token 9 (any other word), in equal numbers.
+  ids = jnp.asarray(np.tile([2, 7, 9, 7, 9, 3], (20000, 1)), jnp.int32)
+  mask = jnp.ones(ids.shape, bool)
+  table = mlm.token_probabilities(12, 0.1, [(0.8, [7])])
+  _, targets = mlm.mask_tokens(jax.random.key(1), ids, mask, mask_id=4, vocab_size=12,
+                               probability=table)
+  targets = np.asarray(targets)
+  assert targets[:, [1, 3]].mean() == pytest.approx(0.8, abs=0.01)
+  assert targets[:, [2, 4]].mean() == pytest.approx(0.1, abs=0.01)
+  assert not targets[:, [0, 5]].any()  # BOS and EOS are never selected
+
+
+def test_mask_tokens_with_a_flat_table_equal_the_scalar_probability():
+  ids, mask = _ids_and_mask()
+  want = mlm.mask_tokens(jax.random.key(3), ids, mask, mask_id=4, vocab_size=20,
+                         probability=0.3)
+  got = mlm.mask_tokens(jax.random.key(3), ids, mask, mask_id=4, vocab_size=20,
+                        probability=jnp.full(20, 0.3))
+  for a, b in zip(want, got):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_mlm_loss_matches_numpy():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 4, 6)).astype(np.float32)
@@ -131,6 +161,7 @@ def test_swap_negatives_of_examples():
                   [{'color': 'red', 'shape': 'circle'}, {'color': 'blue', 'shape': 'star'}],
                   [{'color': 'red', 'shape': 'circle'}, {'color': 'red', 'shape': 'star'}]]}
   negs = eval_matching.swap_negatives(examples)
+  assert sorted(negs) == ['attribute', 'position', 'relation']
   rows, trues, falses = negs['relation']
   np.testing.assert_array_equal(rows, [1, 2])
   assert falses == ['a blue star above a red circle', 'a red star above a red circle']
@@ -138,6 +169,19 @@ def test_swap_negatives_of_examples():
   np.testing.assert_array_equal(rows, [1])
   assert trues == ['a red circle above a blue star']
   assert falses == ['a blue circle above a red star']
+
+
+def test_position_negatives_take_the_first_caption_that_names_a_place():
+  objs = [{'color': 'red', 'shape': 'circle'}]
+  examples = {
+      'captions': [['a red circle', 'a red circle on the left', 'a red circle at the top'],
+                   ['a red circle', 'a red circle in the middle'],
+                   ['a red circle above a blue star']],
+      'objects': [objs, objs, objs + [{'color': 'blue', 'shape': 'star'}]]}
+  rows, trues, falses = eval_matching.position_negatives(examples)
+  np.testing.assert_array_equal(rows, [0, 2])
+  assert trues == ['a red circle on the left', 'a red circle above a blue star']
+  assert falses == ['a red circle on the right', 'a red circle below a blue star']
 
 
 def test_pair_and_itm_accuracy():

@@ -39,6 +39,10 @@ def test_fusion_config_trains_and_reports_matching_metrics(name, shapes_small_di
   rows = [line for line in open(tmp_path / 'metrics.jsonl') if '"train/itm"' in line]
   assert len(rows) == 3
   assert ('"train/mlm"' in rows[0]) == (config.loss.weights.mlm > 0)
+  assert ('"train/caption"' in rows[0]) == (config.loss.weights.caption > 0)
+  for metric in ('position_accuracy', 'position_accuracy_one_object',
+                 'position_accuracy_two_objects'):
+    assert 0.0 <= results[f'eval/test/{metric}'] <= 1.0, metric
 
 
 class AddImageMean(nn.Module):
@@ -160,6 +164,13 @@ def test_itm_without_batch_negatives_scores_true_against_false_captions(shapes_s
   config.data.hard_negatives = False
   with pytest.raises(ValueError, match='itm_batch_negatives=False.*data.hard_negatives=True'):
     trainer.train_and_evaluate(config, str(tmp_path / 'no_negatives'))
+
+
+def test_the_fused_caption_objective_needs_causal_text_and_fusion(shapes_small_dir, tmp_path):
+  config = tiny_fusion_config('albef_shapes', shapes_small_dir)
+  config.loss.weights.caption = 1.0
+  with pytest.raises(ValueError, match='needs a causal text tower and fusion layer'):
+    trainer.train_and_evaluate(config, str(tmp_path))
 
 
 def test_unknown_fusion_name_is_a_clear_error():

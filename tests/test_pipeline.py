@@ -130,6 +130,38 @@ def test_processes_read_disjoint_halves_of_each_global_batch(small_data_cfg, tok
           np.concatenate([halves[0][step][k], halves[1][step][k]]), whole[step][k])
 
 
+def test_curriculum_draws_simple_scenes_with_the_words_first(small_data_cfg, tok):
+  plain = pipeline.make_train_dataset(small_data_cfg, tok, 32, seed=0)
+  small_data_cfg.labels = True
+  small_data_cfg.curriculum.steps = 2
+  small_data_cfg.curriculum.words = ('Left', 'right')
+  taught = pipeline.make_train_dataset(small_data_cfg, tok, 32, seed=0)
+  for step in range(2):
+    batch = taught[step]
+    assert (batch['label'] >= 0).all()  # one-object scenes only
+    texts = tok.decode_batch(batch['text_ids'])
+    with_words = [('left' in t.split()) or ('right' in t.split()) for t in texts]
+    assert sum(with_words) > 8, texts  # the plain stream has about 4 in 32
+  for step in (2, 3):  # then the plain stream
+    batch = dict(taught[step])
+    del batch['label']
+    _assert_batches_equal([batch], [plain[step]])
+  halves = [pipeline.make_train_dataset(small_data_cfg, tok, 32, seed=0, process_index=p,
+                                        process_count=2) for p in range(2)]
+  for step in range(3):
+    for k, whole in taught[step].items():
+      np.testing.assert_array_equal(np.concatenate([halves[0][step][k], halves[1][step][k]]),
+                                    whole, err_msg=k)
+
+
+def test_simple_example_ids_count_objects(small_data_cfg):
+  source = datasets.data_source(small_data_cfg, 'train', raw=True)
+  ids = pipeline.simple_example_ids(source, 1)
+  objects = [records.integer(records.parse(source[int(i)]), 'num_objects') for i in ids[:20]]
+  assert objects == [1] * 20 and 0 < len(ids) < len(source)
+  assert len(pipeline.simple_example_ids(source, 2)) == len(source)
+
+
 def test_flip_mirrors_images_and_swaps_left_right(small_data_cfg, tok):
   plain = pipeline.make_train_dataset(small_data_cfg, tok, 64, seed=5)[0]
   small_data_cfg.flip = True

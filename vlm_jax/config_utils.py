@@ -87,7 +87,10 @@ def _choices(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
 # Integer keys and their smallest sensible value.
 _MINIMUMS = {'data.image_size': 1, 'data.max_text_len': 2, 'train.batch_size': 1,
              'train.num_steps': 0, 'train.microbatches': 1, 'train.log_every_steps': 1,
-             'eval.batch_size': 1, 'checkpoint.keep': 1, 'checkpoint.every_steps': 0}
+             'eval.batch_size': 1, 'checkpoint.keep': 1, 'checkpoint.every_steps': 0,
+             'data.curriculum.steps': 0, 'data.curriculum.max_objects': 1}
+# Probabilities: every key of these groups whose name ends in 'probability'.
+_PROBABILITY_GROUPS = ('loss.',)
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:
@@ -103,6 +106,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if key in values and values[key] < minimum:
       raise ValueError(f'Config value {key}={values[key]!r} is out of range: it must be an '
                        f'integer >= {minimum}.')
+  for key, value in values.items():
+    if (key.startswith(_PROBABILITY_GROUPS) and key.endswith('probability')
+        and not 0 <= value <= 1):
+      raise ValueError(f'Config value {key}={value!r} is out of range: it must be a '
+                       'probability in [0, 1].')
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

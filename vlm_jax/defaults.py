@@ -5,6 +5,18 @@ the command line is an error (see `vlm_jax.config_utils`).
 """
 import ml_collections
 
+# English defaults of the MLM word classes (loss.mlm_word_classes): where things are, what
+# they look like, what they are.
+SPATIAL_WORDS = ('left', 'right', 'top', 'bottom', 'above', 'below', 'under', 'over',
+                 'middle', 'center', 'centre', 'behind', 'front', 'beside', 'near', 'next',
+                 'inside', 'outside', 'between', 'upper', 'lower')
+ATTRIBUTE_WORDS = ('red', 'green', 'blue', 'yellow', 'purple', 'orange', 'white', 'black',
+                   'cyan', 'pink', 'brown', 'gray', 'grey', 'small', 'large', 'big', 'tiny',
+                   'little', 'tall', 'short', 'long', 'round', 'striped', 'wooden', 'metal')
+OBJECT_WORDS = ('circle', 'square', 'triangle', 'cross', 'diamond', 'star', 'rectangle',
+                'person', 'man', 'woman', 'child', 'dog', 'cat', 'horse', 'bird', 'car',
+                'bus', 'train', 'bicycle', 'table', 'chair', 'cup', 'ball', 'tree', 'house')
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -26,6 +38,11 @@ def base_config() -> ml_collections.ConfigDict:
                                 # ('position': left/right, top/bottom, above/below mirrored)
       drop_color_prob=0.0,      # shapes: share of train captions with their colour words
                                 # removed ('a red circle' -> 'a circle', still true)
+      # The first `steps` train steps draw only examples with at most `max_objects` objects
+      # (datasets that record num_objects, e.g. shapes; others count as one) and, of each
+      # example's captions, one that holds one of `words` when it has any: grounding on simple
+      # scenes first (0 = off).
+      curriculum=dict(steps=0, max_objects=1, words=()),
       labels=False,             # add `label` [B]: the class of one-object images, -1 for
                                 # others (for loss.positives='same_label')
       vqa=False,                # add one question-answer sequence per image (captioners:
@@ -145,10 +162,20 @@ def base_config() -> ml_collections.ConfigDict:
   # UniCL's image-label-text contrast; needs data.labels=True).
   # weights.caption, weights.vqa: next-token cross-entropy of captions and of VQA answers
   # (captioners; CoCa weighs caption 2, itc 1), with `label_smoothing`.
+  # mlm_word_classes: grounding words masked more often than mlm_probability: each class's
+  # `words` (English defaults) are selected with `probability` (0 = no focus); the tokenizer
+  # maps them to ids at start-up (`token_ids`, filled in by the trainer; words it splits or
+  # does not know are left out, and logged).
+  # weights.caption (fusion models with causal text and fusion, e.g. Flamingo): next-token
+  # cross-entropy of the fused text stream, the causal grounding objective.
   c.loss = dict(name='softmax', weights=dict(itc=1.0, itm=1.0, mlm=1.0, caption=0.0, vqa=0.0),
                 label_smoothing=0.0, sharded=False,
                 block_size=256, itm_negative_scale=-1.0, itm_batch_negatives=True,
                 mlm_probability=0.15,
+                mlm_word_classes=dict(
+                    spatial=dict(probability=0.0, words=SPATIAL_WORDS, token_ids=()),
+                    attribute=dict(probability=0.0, words=ATTRIBUTE_WORDS, token_ids=()),
+                    object=dict(probability=0.0, words=OBJECT_WORDS, token_ids=())),
                 mlm_mask_id=-1, positives='pair')
 
   # frozen: regexes matched (re.match) against '/'-joined parameter paths; matching

@@ -7,6 +7,7 @@ of P reads the p-th of its P equal slices, so the processes together see exactly
 single process would, and the iterator's state is just the next step.
 """
 import functools
+import re
 import sys
 from typing import Any, Sequence
 
@@ -71,16 +72,55 @@ def _example_ids(batch_index: int, *, batch_size: int, num_examples: int,
   return ids
 
 
+def simple_example_ids(source: Sequence[bytes], max_objects: int) -> np.ndarray:
+  """The indices of the examples of `source` with at most `max_objects` objects (an example
+  without `num_objects` counts as one), read in chunks."""
+  ids, chunk = [], 4096
+  for start in range(0, len(source), chunk):
+    index = list(range(start, min(start + chunk, len(source))))
+    raw = source.__getitems__(index) if hasattr(source, '__getitems__') else [
+        source[i] for i in index]
+    ids += [i for i, features in zip(index, records.parse_each(raw))
+            if records.integer(features, 'num_objects', default=1) <= max_objects]
+  return np.asarray(ids, np.int64)
+
+
+def _curriculum_example_ids(batch_index: int, *, batch_size: int, num_examples: int,
+                            shuffle_seed: int, steps: int, simple_ids: np.ndarray
+                            ) -> np.ndarray:
+  """`_example_ids`, but drawn from the shuffled `simple_ids` for batches before `steps`."""
+  if batch_index < steps:
+    return simple_ids[_example_ids(batch_index, batch_size=batch_size,
+                                   num_examples=len(simple_ids), shuffle_seed=shuffle_seed)]
+  return _example_ids(batch_index, batch_size=batch_size, num_examples=num_examples,
+                      shuffle_seed=shuffle_seed)
+
+
+def _pick_caption(options: list[str], h: int, words: frozenset[str]) -> str:
+  """One of `options` by the hash `h`; with `words`, among those that hold one of them (all
+  options when none does)."""
+  if words:
+    holding = [o for o in options if words.intersection(_WORD.findall(o.lower()))]
+    options = holding or options
+  return options[h % len(options)]
+
+
+_WORD = re.compile(r'\w+')
+
+
 def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[bytes],
                 seed: int, data_cfg: ml_collections.ConfigDict,
                 tokenizer: tokenizer_lib.Tokenizer,
-                raw_image_shape: tuple[int, int, int] | None = None) -> Batch:
+                raw_image_shape: tuple[int, int, int] | None = None,
+                curriculum_batches: int = 0) -> Batch:
   """Reads, augments, normalises and tokenises the b examples of one batch at once.
 
   `raw_image_shape` is (S, S, 3) when the records hold raw pixels, None for PNG or JPEG.
 
   Element r of batch `batch_index` is element j = batch_index * b + r of the stream; its
-  caption and flip come from a hash of (seed, j), so they change from epoch to epoch.
+  caption and flip come from a hash of (seed, j), so they change from epoch to epoch. In the
+  first `curriculum_batches` batches, captions holding one of `data.curriculum.words` are
+  preferred.
   """
   size = len(example_ids)
   ids = [int(i) for i in example_ids]
@@ -94,12 +134,13 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
       data_cfg.drop_color_prob, data_cfg.hard_negatives, data_cfg.vqa, data_cfg.labels,
       data_cfg.flip)
   negative_kinds = tuple(data_cfg.hard_negative_kinds)
+  words = (frozenset(w.lower() for w in data_cfg.curriculum.words)
+           if batch_index < curriculum_batches else frozenset())
   encoded, captions, negatives, questions, answers, labels = [], [], [], [], [], []
   flipped = np.zeros(size, bool)
   for r, features in enumerate(records.parse_each(records_)):
     h = _hash(seed, batch_index * size + r)
-    options = records.texts(features, 'captions')
-    caption = options[h % len(options)]
+    caption = _pick_caption(records.texts(features, 'captions'), h, words)
     if drop_color and _hash(seed + 1, batch_index * size + r) < drop_below:
       caption = shapes_text.drop_colors(caption, records.texts(features, 'objects/color'))
     encoded.append(records.encoded_image(features))  # read below, all at once
@@ -196,7 +237,10 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
   `data.labels` also `label` int32 [b] (the class of one-object images, -1 for others); with
   `data.vqa` also `vqa_ids`, `vqa_mask`, `vqa_loss_mask` [b, L] (one of the image's questions
   with its answer, `[BOS] question answer [EOS]`, loss on the answer and EOS; see
-  `vlm_jax.data.vqa`).
+  `vlm_jax.data.vqa`). With `data.curriculum.steps` > 0, the batches of the first steps hold
+  only examples with at most `data.curriculum.max_objects` objects (`simple_example_ids`,
+  shuffled by the same rule) and prefer captions with one of `data.curriculum.words`; later
+  batches are those of the plain stream.
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f'The global batch size ({global_batch_size}) must be positive and '
@@ -222,11 +266,23 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
   shuffle_seed = _hash(seed, _SHUFFLE_STREAM) % 2**32
   batch_size = global_batch_size // process_count
   # Batch index -> its [b] example indices; reshuffled every epoch.
-  ds = grain.MapDataset.range(sys.maxsize // batch_size).map(functools.partial(
-      _example_ids, batch_size=batch_size, num_examples=len(source), shuffle_seed=shuffle_seed))
+  example_ids = functools.partial(_example_ids, batch_size=batch_size,
+                                  num_examples=len(source), shuffle_seed=shuffle_seed)
+  curriculum = data_cfg.curriculum
+  curriculum_batches = max(curriculum.steps, 0) * process_count  # per-process batches
+  if curriculum_batches:
+    simple_ids = simple_example_ids(source, curriculum.max_objects)
+    if not len(simple_ids):
+      raise ValueError(f'data.curriculum.steps={curriculum.steps}, but no train example has at '
+                       f'most data.curriculum.max_objects={curriculum.max_objects} objects.')
+    example_ids = functools.partial(
+        _curriculum_example_ids, batch_size=batch_size, num_examples=len(source),
+        shuffle_seed=shuffle_seed, steps=curriculum_batches, simple_ids=simple_ids)
+  ds = grain.MapDataset.range(sys.maxsize // batch_size).map(example_ids)
   ds = ds.map_with_index(functools.partial(
       _read_batch, source=source, seed=seed, data_cfg=data_cfg, tokenizer=tokenizer,
-      raw_image_shape=datasets.raw_image_shape(data_cfg)))
+      raw_image_shape=datasets.raw_image_shape(data_cfg),
+      curriculum_batches=curriculum_batches))
   return ds[process_index::process_count]
 
 

@@ -3,7 +3,7 @@
 No download: every example is drawn from a generator seeded by (version, split, index), so a
 build is deterministic and its examples can be drawn in any order. The scene of an index does
 not depend on the resolution, so '32px' and '64px' show the same scenes, and '32px_small'
-holds a prefix of '32px's examples.
+and '32px_medium' hold prefixes of '32px's examples.
 
 Splits `train`, `validation` and `test` only contain seen (colour, shape) pairs; in
 `test_novel` the first object (the one the label names) is one of the HELD_OUT_PAIRS, which
@@ -99,6 +99,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
                    description='224x224 scenes (JPEG, fewer training examples).'),
       ShapesConfig(name='32px_small', image_size=32, num_train=512, num_validation=128,
                    num_test=128, num_test_novel=128, description='Tiny, for tests.'),
+      ShapesConfig(name='32px_medium', image_size=32, num_train=4096, num_validation=128,
+                   num_test=512, num_test_novel=128,
+                   description='Small, for tests that train a model to a measured accuracy.'),
   ]
   DEFAULT_CONFIG_NAME = '32px'
 

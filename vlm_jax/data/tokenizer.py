@@ -170,6 +170,17 @@ class Tokenizer:
     texts = [t.lower() for t in texts] if self.lowercase else list(texts)
     return self._tok.encode_batch(texts, add_special_tokens=False)
 
+  def word_ids(self, words: Sequence[str]) -> tuple[list[int], list[str]]:
+    """The ids of the words that encode to one known token, and the words that do not
+    (split into pieces, or unknown): ([ids], [left-out words])."""
+    ids, left_out = [], []
+    for word, encoding in zip(words, self._encode(list(words))):
+      if len(encoding.ids) == 1 and encoding.ids[0] != self.unk_id:
+        ids.append(encoding.ids[0])
+      else:
+        left_out.append(word)
+    return ids, left_out
+
   def row_lengths(self, texts: Sequence[str]) -> np.ndarray:
     """int [B]: the row length each text needs untruncated, BOS (if any) and EOS included;
     `encode_batch(texts, L)` cuts the texts whose length exceeds L."""

@@ -1,5 +1,5 @@
-"""Image-text matching evaluators: true caption vs a false one (relation and attribute
-swaps, the ARO-style test), ITM accuracy, and retrieval re-ranked by a matching score.
+"""Image-text matching evaluators: true caption vs a false one (relation, attribute and
+position swaps, the ARO-style test), ITM accuracy, and retrieval re-ranked by a matching score.
 
 All functions here take precomputed scores (cosine similarities of a dual encoder, or the
 ITM logit differences of a fusion model), so they are pure NumPy and model-free.
@@ -28,13 +28,32 @@ def itm_accuracy(pos_scores: np.ndarray, neg_scores: np.ndarray) -> float:
   return float(np.mean(correct)) if len(correct) else float('nan')
 
 
+def position_negatives(examples: dict) -> tuple[np.ndarray, list[str], list[str]]:
+  """(index [P], true [P], false [P]) of the examples, one- and two-object, that have a
+  caption naming a position: the first such caption, against its twin with every position
+  word mirrored (`shapes_text.mirror_positions`: 'on the left' -> 'on the right', 'above'
+  -> 'below')."""
+  rows, trues, falses = [], [], []
+  for i, (caps, objs) in enumerate(zip(examples['captions'], examples['objects'])):
+    colors, shapes = [o['color'] for o in objs], [o['shape'] for o in objs]
+    for caption in caps:
+      mirrored = shapes_text.mirror_positions(caption, colors, shapes)
+      if mirrored:
+        rows.append(i)
+        trues.append(caption)
+        falses.append(mirrored)
+        break
+  return np.asarray(rows, np.int64), trues, falses
+
+
 def swap_negatives(examples: dict) -> dict[str, tuple[np.ndarray, list[str], list[str]]]:
-  """The two-object examples' (index, true caption, false caption) for each swap kind.
+  """The examples' (index, true caption, false caption) for each swap kind.
 
   Returns:
-    {'relation': (indices [R], true [R], false [R]), 'attribute': (...)}: the false caption
-    has the objects exchanged (relation) or their colours exchanged (attribute, only where
-    the colours differ); the true caption is the canonical one (captions[0]).
+    {'relation': (indices [R], true [R], false [R]), 'attribute': (...), 'position': (...)}:
+    for two-object examples the false caption has the objects exchanged (relation) or their
+    colours exchanged (attribute, only where the colours differ), the true caption being the
+    canonical one (captions[0]); 'position' is `position_negatives` (one object or two).
   """
   out = {}
   for kind in ('relation', 'attribute'):
@@ -52,6 +71,7 @@ def swap_negatives(examples: dict) -> dict[str, tuple[np.ndarray, list[str], lis
       trues.append(caps[0])
       falses.append(neg)
     out[kind] = (np.asarray(rows, np.int64), trues, falses)
+  out['position'] = position_negatives(examples)
   return out
 
 

@@ -169,9 +169,10 @@ def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder | None,
 
 def _matching_metrics(config: ml_collections.ConfigDict, embedder: Embedder, examples: dict,
                       image_emb: np.ndarray, text_emb: np.ndarray | None) -> dict[str, float]:
-  """Relation and attribute swap accuracy (by cosine, and by ITM for fusion models); for
-  fusion models also ITM accuracy and retrieval re-ranked by ITM. `text_emb`: the captions'
-  embeddings when retrieval already computed them (else None)."""
+  """Relation, attribute and position swap accuracy (by cosine, and by ITM for fusion
+  models; position also for one- and two-object scenes apart); for fusion models also ITM
+  accuracy and retrieval re-ranked by ITM. `text_emb`: the captions' embeddings when
+  retrieval already computed them (else None)."""
   metrics = {}
   fusion = embedder.can_match
   if fusion:
@@ -186,9 +187,17 @@ def _matching_metrics(config: ml_collections.ConfigDict, embedder: Embedder, exa
       continue
     cosine = lambda texts: np.sum(image_emb[rows] * embedder.texts(texts), axis=-1)
     prefix = 'itc_' if fusion else ''
-    metrics[f'{prefix}{kind}_accuracy'] = matching.pair_accuracy(cosine(trues), cosine(falses))
+    scores = {f'{prefix}{kind}': (cosine(trues), cosine(falses))}
     if fusion:
-      metrics[f'{kind}_accuracy'] = matching.pair_accuracy(itm(rows, trues), itm(rows, falses))
+      scores[kind] = (itm(rows, trues), itm(rows, falses))
+    for name, (true_scores, false_scores) in scores.items():
+      metrics[f'{name}_accuracy'] = matching.pair_accuracy(true_scores, false_scores)
+      if kind == 'position':  # grounding (one object) apart from binding (two)
+        objects = np.asarray(examples['num_objects'])[rows]
+        for count, word in ((1, 'one_object'), (2, 'two_objects')):
+          if (objects == count).any():
+            metrics[f'{name}_accuracy_{word}'] = matching.pair_accuracy(
+                true_scores[objects == count], false_scores[objects == count])
   if not fusion:
     return metrics
   n = len(examples['image'])

@@ -3,8 +3,9 @@ towers' tokens also meet in a fusion layer, with image-text matching and MLM hea
 
 The dual encoder gives the global embeddings of the contrastive objective and of retrieval;
 the fusion layer (`vlm_jax.fusion`) gives text-aligned fused tokens [B, L, D], pooled for
-the ITM head and read token by token by the MLM head. The model returns named outputs and
-knows nothing of losses: `vlm_jax.training.objectives` composes them.
+the ITM head and read token by token by the vocabulary ('MLM') head, which also predicts the
+next token of a causal fused stream (the fusion `caption` objective). The model returns
+named outputs and knows nothing of losses: `vlm_jax.training.objectives` composes them.
 """
 from typing import Any
 

@@ -260,7 +260,7 @@ def _check_whole_batch(config: ml_collections.ConfigDict, axis_name: AxisName | 
 
 # Fusion models: contrastive + image-text matching + masked language modelling.
 
-FUSION_OBJECTIVES = ('itc', 'itm', 'mlm')
+FUSION_OBJECTIVES = ('itc', 'itm', 'mlm', 'caption')
 
 
 def _check_fusion_config(model: nn.Module, config: ml_collections.ConfigDict,
@@ -277,6 +277,13 @@ def _check_fusion_config(model: nn.Module, config: ml_collections.ConfigDict,
                      'captions: set data.hard_negatives=True.')
   if weights['mlm'] and not model.mlm:
     raise ValueError('loss.weights.mlm > 0 needs model.heads.mlm=True.')
+  if weights['caption'] and not model.mlm:
+    raise ValueError('loss.weights.caption > 0 reads the fused tokens with the vocabulary '
+                     'head: set model.heads.mlm=True.')
+  if weights['caption'] and not (config.model.text.causal and config.model.fusion.causal):
+    raise ValueError('loss.weights.caption > 0 needs a causal text tower and fusion layer '
+                     '(model.text.causal=True, model.fusion.causal=True): otherwise each '
+                     'token sees the word it predicts. Bidirectional models ground with mlm.')
   if weights['mlm'] and config.loss.mlm_mask_id < 0:
     raise ValueError('loss.mlm_mask_id is unset and the tokenizer has no [MASK] token: set '
                      'loss.mlm_mask_id to a token id, or loss.weights.mlm=0.')
@@ -332,14 +339,30 @@ def _itm_terms(model: nn.Module, params, outputs: dict, batch: dict, rng: jax.Ar
   return loss, metrics
 
 
+def mlm_probabilities(config: ml_collections.ConfigDict) -> float | jax.Array:
+  """MLM's selection probability: `loss.mlm_probability`, or [V] per token id when a word
+  class of `loss.mlm_word_classes` has a probability (its `token_ids` resolved)."""
+  focused = [(c.probability, c.token_ids) for c in config.loss.mlm_word_classes.values()
+             if c.probability > 0]
+  if not focused:
+    return config.loss.mlm_probability
+  for name, c in config.loss.mlm_word_classes.items():
+    if c.probability > 0 and not c.token_ids:
+      raise ValueError(f'loss.mlm_word_classes.{name}.probability > 0 but none of its words is '
+                       'a token of the tokenizer: give words it knows, or token_ids.')
+  return jnp.asarray(mlm.token_probabilities(config.model.text.vocab_size,
+                                             config.loss.mlm_probability, focused))
+
+
 def _mlm_terms(model: nn.Module, params, outputs: dict, batch: dict, rng: jax.Array,
-               dropout_rng: jax.Array, config: ml_collections.ConfigDict
-               ) -> tuple[jax.Array, dict]:
-  """MLM of the masked captions, fused with their own images."""
+               dropout_rng: jax.Array, config: ml_collections.ConfigDict,
+               probability: float | jax.Array) -> tuple[jax.Array, dict]:
+  """MLM of the masked captions, fused with their own images; `probability`: a number or
+  [V] per token id (`mlm_probabilities`)."""
   ids, mask = batch['text_ids'], batch['text_mask']
   masked_ids, targets = mlm.mask_tokens(
       rng, ids, mask, mask_id=config.loss.mlm_mask_id,
-      vocab_size=config.model.text.vocab_size, probability=config.loss.mlm_probability)
+      vocab_size=config.model.text.vocab_size, probability=probability)
 
   def forward(m, image_tokens, masked_ids, mask, deterministic):
     tokens = m.text_tokens(masked_ids, mask, deterministic)
@@ -350,22 +373,41 @@ def _mlm_terms(model: nn.Module, params, outputs: dict, batch: dict, rng: jax.Ar
   return mlm.mlm_loss(logits, ids, targets)
 
 
+def _fused_caption_terms(model: nn.Module, params, outputs: dict, batch: dict,
+                         dropout_rng: jax.Array, smoothing: float) -> tuple[jax.Array, dict]:
+  """Next-token cross-entropy of the captions read from the causal fused stream (the
+  vocabulary head of MLM on each fused token [B, L, D]): every word is predicted from the
+  image and the words before it."""
+  def forward(m, image_tokens, text_tokens, mask, deterministic):
+    return m.mlm_logits(m.fuse(image_tokens, text_tokens, mask, deterministic))
+
+  logits = model.apply({'params': params}, outputs['image_tokens'], outputs['text_tokens'],
+                       batch['text_mask'], deterministic=False, rngs={'dropout': dropout_rng},
+                       method=forward)
+  loss, metrics = _next_token_loss(logits, batch['text_ids'], batch['text_mask'], smoothing)
+  return loss, {'caption_accuracy': metrics['accuracy']}
+
+
 def make_fusion_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
                         mesh: Mesh | None = None, axis_name: AxisName | None = None
                         ) -> LossFn:
   """`loss_fn(params, batch, rng)` of a fusion model: the weighted sum of the contrastive
   loss ('itc', `loss.name`), image-text matching with hard negatives ('itm') and masked
-  language modelling with visual context ('mlm'), weights from `loss.weights`.
+  language modelling with visual context ('mlm', grounding words masked more often with
+  `loss.mlm_word_classes`) and, for causal fusion, next-token prediction on the fused
+  stream ('caption'); weights from `loss.weights`.
 
-  The aux dict holds each weighted term's unweighted value (`itc`, `itm`, `mlm`) and the
-  accuracies `itm_accuracy`, `mlm_accuracy`.
+  The aux dict holds each weighted term's unweighted value (`itc`, `itm`, `mlm`, `caption`)
+  and the accuracies `itm_accuracy`, `mlm_accuracy`, `caption_accuracy`.
   """
   del mesh  # the dense loss under jit: XLA partitions it over the batch axes
   weights = _check_fusion_config(model, config, axis_name)
-  name = config.loss.name
+  name, smoothing = config.loss.name, float(config.loss.label_smoothing)
+  mlm_probability = mlm_probabilities(config) if weights['mlm'] else 0.0
 
   def loss_fn(params, batch, rng):
-    embed_rng, itm_rng, itm_dropout, mlm_rng, mlm_dropout = jax.random.split(rng, 5)
+    embed_rng, itm_rng, itm_dropout, mlm_rng, mlm_dropout, caption_dropout = (
+        jax.random.split(rng, 6))
     outputs = model.apply({'params': params}, batch['image'], batch['text_ids'],
                           batch['text_mask'], deterministic=False, rngs={'dropout': embed_rng},
                           method=model.embed)
@@ -380,8 +422,13 @@ def make_fusion_loss_fn(model: nn.Module, config: ml_collections.ConfigDict, *,
                                  batch_negatives=config.loss.itm_batch_negatives)
       total, aux = total + weights['itm'] * loss, {**aux, 'itm': loss, **metrics}
     if weights['mlm']:
-      loss, metrics = _mlm_terms(model, params, outputs, batch, mlm_rng, mlm_dropout, config)
+      loss, metrics = _mlm_terms(model, params, outputs, batch, mlm_rng, mlm_dropout, config,
+                                 mlm_probability)
       total, aux = total + weights['mlm'] * loss, {**aux, 'mlm': loss, **metrics}
+    if weights['caption']:
+      loss, metrics = _fused_caption_terms(model, params, outputs, batch, caption_dropout,
+                                           smoothing)
+      total, aux = total + weights['caption'] * loss, {**aux, 'caption': loss, **metrics}
     return total, aux
 
   return loss_fn

@@ -51,6 +51,12 @@ def resolve_config(config: ml_collections.ConfigDict, tokenizer) -> None:
   """Fills values that depend on the data (the vocabulary size, the [MASK] id)."""
   if config.loss.mlm_mask_id < 0 and tokenizer.mask_id is not None:
     config.loss.mlm_mask_id = tokenizer.mask_id
+  for name, word_class in config.loss.mlm_word_classes.items():
+    if word_class.probability > 0 and not word_class.token_ids:
+      ids, left_out = tokenizer.word_ids(word_class.words)
+      word_class.token_ids = tuple(sorted(set(ids)))
+      logging.info('MLM word class %r: %d of its %d words are tokens; left out (unknown or '
+                   'split): %s', name, len(ids), len(word_class.words), left_out or 'none')
   if config.model.text.vocab_size == 0:
     config.model.text.vocab_size = tokenizer.vocab_size
   elif config.model.text.vocab_size < tokenizer.vocab_size:
