@@ -218,9 +218,12 @@ def test_objective_checks():
   with pytest.raises(ValueError, match='microbatches=1'):
     objectives.make_loss_fn(model, config)
   fusion = cli._load_config_file(os.path.join(REPO, 'configs', 'albef_shapes.py:tiny'))
-  fusion.model.text.vocab_size, fusion.loss.weights.caption = VOCAB, 1.0
+  fusion.model.text.vocab_size, fusion.loss.weights.vqa = VOCAB, 1.0
   fusion_model = models.build_model(fusion.model, text_max_len=LENGTH)
-  with pytest.raises(ValueError, match=r"\['caption'\] are not objectives of fusion"):
+  with pytest.raises(ValueError, match=r"\['vqa'\] are not objectives of fusion"):
+    objectives.make_loss_fn(fusion_model, fusion)
+  fusion.loss.weights.vqa, fusion.loss.weights.caption = 0.0, 1.0
+  with pytest.raises(ValueError, match='needs a causal text tower and fusion layer'):
     objectives.make_loss_fn(fusion_model, fusion)
 
 
