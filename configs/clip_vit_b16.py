@@ -30,6 +30,7 @@ def get_config(arg: str | None = None):
     c.model.image.update(dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64))
     c.model.text.update(dict(vocab_size=0, width=32, depth=1, num_heads=2, mlp_dim=64))
     c.train.num_steps, c.train.batch_size = 4, 16
+    c.optim.warmup_steps = 2
     c.model.dtype = 'float32'
   elif arg:
     raise ValueError(f'Unknown variant {arg!r} of clip_vit_b16; accepted: tiny.')

@@ -102,9 +102,9 @@ def test_unknown_variant_is_one_line_error(tmp_path):
     ('train.batch_size', 0, 'train.batch_size=0 is out of range: it must be an integer >= 1'),
     ('data.max_text_len', 1, 'data.max_text_len=1 is out of range: it must be an integer >= 2'),
     ('data.curriculum.steps', -1, 'data.curriculum.steps=-1 is out of range: it must be an '
-     'integer >= 0'),
+     'integer >= 1, or 0 (off)'),
     ('loss.mlm_probability', 1.5, 'loss.mlm_probability=1.5 is out of range: it must be a '
-     'probability in [0, 1]'),
+     'number in [0, 1]'),
     ('loss.mlm_word_classes.spatial.probability', -0.1,
      'loss.mlm_word_classes.spatial.probability=-0.1 is out of range'),
 ])

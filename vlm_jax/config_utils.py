@@ -2,10 +2,14 @@
 import difflib
 import importlib.util
 import json
+import math
 import os
+import re
 from typing import Any, Iterator
 
 import ml_collections
+
+from vlm_jax import defaults
 
 
 def flatten(config: ml_collections.ConfigDict | dict, prefix: str = '') -> Iterator[tuple[str, Any]]:
@@ -52,8 +56,8 @@ def _choices(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
   """Dotted key -> the values it accepts, from the registries that use them."""
   # pylint: disable=g-import-not-at-top
   from vlm_jax import fusion, losses, models
-  from vlm_jax.data import datasets, image_convert, image_text_folder
-  from vlm_jax.encoders import text, vit
+  from vlm_jax.data import datasets, image_convert, image_text_folder, pipeline
+  from vlm_jax.encoders import resnet, text, vit
   from vlm_jax.models import blip2, fusion_encoder
   from vlm_jax.nn.transformer import REMAT_CHOICES
   from vlm_jax.training import nonfinite, objectives, optimizer, partitioning
@@ -62,11 +66,13 @@ def _choices(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
       'data.name': (*datasets.BUILDERS, image_text_folder.NAME),
       'data.resize': image_convert.RESIZE_MODES,
       'data.encoding': image_text_folder.ENCODINGS,
+      'data.hard_negative_kinds': pipeline.HARD_NEGATIVE_KINDS,
       'model.name': tuple(models.MODELS),
       'model.dtype': models.DTYPES,
       'model.param_dtype': models.DTYPES,
       'model.remat': REMAT_CHOICES,
       'model.image.name': tuple(models.IMAGE_TOWERS),
+      'model.image.norm': resnet.NORMS,
       'model.text.name': tuple(models.TEXT_TOWERS),
       'model.text.pool': text.POOLS,
       'model.fusion.name': ('', *sorted(fusion.FUSION_LAYERS)),
@@ -79,38 +85,139 @@ def _choices(config: ml_collections.ConfigDict) -> dict[str, tuple[str, ...]]:
       'parallel.mode': partitioning.MODES,
       'train.nonfinite': nonfinite.MODES,
   }
+  if config.data.name in datasets.BUILDERS:
+    choices['data.builder_config'] = tuple(datasets.BUILDERS[config.data.name].builder_configs)
   if config.model.image.name == 'vit':
     choices.update({'model.image.pool': vit.POOLS, 'model.image.posemb': vit.POSEMBS})
   return choices
 
 
-# Integer keys and their smallest sensible value.
-_MINIMUMS = {'data.image_size': 1, 'data.max_text_len': 2, 'train.batch_size': 1,
-             'train.num_steps': 0, 'train.microbatches': 1, 'train.log_every_steps': 1,
-             'eval.batch_size': 1, 'checkpoint.keep': 1, 'checkpoint.every_steps': 0,
-             'data.curriculum.steps': 0, 'data.curriculum.max_objects': 1}
-# Probabilities: every key of these groups whose name ends in 'probability'.
-_PROBABILITY_GROUPS = ('loss.',)
+_INTERVAL = re.compile(r'([\[(])\s*(-?inf|[-+.\deE]+)\s*,\s*(-?inf|[-+.\deE]+)\s*([\])])')
+
+
+def _parse_range(spec: str | tuple[str, dict]) -> tuple[tuple[str, float, float, str], dict]:
+  """((open bracket, low, high, close bracket), sentinels) of a `defaults.RANGES` entry."""
+  interval, sentinels = spec if isinstance(spec, tuple) else (spec, {})
+  match = _INTERVAL.fullmatch(interval.strip())
+  if not match:
+    raise ValueError(f'Bad range {interval!r} in vlm_jax/defaults.py RANGES.')
+  left, low, high, right = match.groups()
+  return (left, float(low), float(high), right), sentinels
+
+
+def _in_interval(value: float, interval: tuple[str, float, float, str]) -> bool:
+  left, low, high, right = interval
+  above = value >= low if left == '[' else value > low
+  below = value <= high if right == ']' else value < high
+  return above and below and not math.isnan(value)
+
+
+def _describe(interval: tuple[str, float, float, str], sentinels: dict, integer: bool) -> str:
+  """'an integer >= 1, or 0 (off)', 'a number in [0, 1)', ... for error messages."""
+  left, low, high, right = interval
+  kind = 'an integer' if integer else 'a number'
+  if math.isinf(low) and math.isinf(high):
+    text = kind + (', -inf or inf' if left + right == '[]' else '')
+  elif math.isinf(high):
+    text = f'{kind} {">=" if left == "[" else ">"} {low:g}'
+  elif math.isinf(low):
+    text = f'{kind} {"<=" if right == "]" else "<"} {high:g}'
+  else:
+    text = f'{kind} in {left}{low:g}, {high:g}{right}'
+  extra = ''.join(f', or {value} ({meaning})' for value, meaning in sentinels.items())
+  return text + extra
+
+
+def _check_range(key: str, value: Any, spec) -> None:
+  """Raises ValueError unless `value` (or each element of a tuple) is in range `spec`."""
+  interval, sentinels = _parse_range(spec)
+  elements = value if isinstance(value, (tuple, list)) else (value,)
+  for element in elements:
+    if isinstance(element, bool) or not isinstance(element, (int, float)):
+      raise ValueError(f'Config value {key}={value!r} is not a number; accepted: '
+                       f'{_describe(interval, sentinels, False)}.')
+    if element in sentinels and not isinstance(value, (tuple, list)):
+      continue
+    if not _in_interval(element, interval):
+      integer = isinstance(element, int)
+      raise ValueError(f'Config value {key}={value!r} is out of range: it must be '
+                       f'{_describe(interval, sentinels, integer)}.')
+
+
+def _check_temperature(values: dict[str, Any]) -> str | None:
+  low, high = values['model.temperature.min'], values['model.temperature.max']
+  init = values['model.temperature.init']
+  if not low <= init <= high:
+    return (f'model.temperature.init={init!r} must lie in [model.temperature.min, '
+            f'model.temperature.max] = [{low!r}, {high!r}] (the learned log-scale is clipped '
+            'to that interval)')
+  return None
+
+
+def _check_warmup(values: dict[str, Any]) -> str | None:
+  warmup, steps = values['optim.warmup_steps'], values['train.num_steps']
+  if warmup > steps:
+    return (f'optim.warmup_steps={warmup} must be <= train.num_steps={steps} (the run would '
+            'end before reaching the learning rate); lower warmup_steps or raise num_steps')
+  return None
+
+
+def _check_microbatches(values: dict[str, Any]) -> str | None:
+  batch, micro = values['train.batch_size'], values['train.microbatches']
+  if batch % micro:
+    return (f'train.microbatches={micro} must divide train.batch_size={batch}')
+  return None
+
+
+def _check_fractions(values: dict[str, Any]) -> str | None:
+  total = values['data.val_fraction'] + values['data.test_fraction']
+  if total >= 1:
+    return (f'data.val_fraction + data.test_fraction = {total:g} leaves nothing for train; '
+            'keep the sum < 1')
+  return None
+
+
+def _check_mesh(values: dict[str, Any]) -> str | None:
+  rest = [k for k in ('data', 'fsdp', 'tensor') if values[f'parallel.mesh.{k}'] == -1]
+  if len(rest) > 1:
+    return (f'parallel.mesh: only one axis may be -1 (the remaining devices), got '
+            f'{", ".join(rest)}')
+  return None
+
+
+def _check_heads(values: dict[str, Any]) -> str | None:
+  towers = ['model.text'] + (['model.image'] if values['model.image.name'] == 'vit' else [])
+  for tower in towers:
+    width, heads = values[f'{tower}.width'], values[f'{tower}.num_heads']
+    if width % heads:
+      return f'{tower}.num_heads={heads} must divide {tower}.width={width}'
+  return None
+
+
+# Rules between keys: each returns None or what is wrong and what is accepted.
+_CROSS_RULES = (_check_temperature, _check_warmup, _check_microbatches, _check_fractions,
+                _check_mesh, _check_heads)
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the key and what it accepts for a value no component takes
-  (a misspelt loss, fusion layer, model, ...) or a size out of range, so that the mistake
-  costs a line at start-up, not a dataset build and a compilation."""
+  """Raises ValueError naming the key, the value and what it accepts for a value no component
+  takes (a misspelt loss, fusion layer, model, ...), a number out of its range in
+  `defaults.RANGES`, or keys that do not fit together, so that the mistake costs a line at
+  start-up, not a dataset build, a compilation and a run that trains uphill."""
   values = dict(flatten(config))
   for key, accepted in _choices(config).items():
-    if key in values and values[key] not in accepted:
-      raise ValueError(f'Config value {key}={values[key]!r} is not accepted; accepted: '
+    value = values.get(key)
+    given = value if isinstance(value, (tuple, list)) else (value,)
+    if key in values and any(v not in accepted for v in given):
+      raise ValueError(f'Config value {key}={value!r} is not accepted; accepted: '
                        f'{", ".join(repr(a) for a in accepted)}.')
-  for key, minimum in _MINIMUMS.items():
-    if key in values and values[key] < minimum:
-      raise ValueError(f'Config value {key}={values[key]!r} is out of range: it must be an '
-                       f'integer >= {minimum}.')
-  for key, value in values.items():
-    if (key.startswith(_PROBABILITY_GROUPS) and key.endswith('probability')
-        and not 0 <= value <= 1):
-      raise ValueError(f'Config value {key}={value!r} is out of range: it must be a '
-                       'probability in [0, 1].')
+  for key, spec in defaults.RANGES.items():
+    if key in values:
+      _check_range(key, values[key], spec)
+  for rule in _CROSS_RULES:
+    problem = rule(values)
+    if problem:
+      raise ValueError(f'Config values do not fit: {problem}.')
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -248,6 +248,8 @@ def base_config() -> ml_collections.ConfigDict:
       vqa=True,
   )
 
+  # every_steps: 0 = no periodic checkpoints, only at the end, at train.max_steps_per_run and
+  # at a preemption notice.
   c.checkpoint = dict(every_steps=500, keep=3, async_save=True)
 
   # pretrained: a workdir of `python -m vlm_jax.convert` or of a training run; the trainer
@@ -260,3 +262,112 @@ def base_config() -> ml_collections.ConfigDict:
   # tower and Q-Former of a 'blip2_qformer' workdir), which it therefore needs.
   c.init = dict(pretrained='', include=(), lm='')
   return c
+
+
+# The accepted values of every numeric key, checked at load (config_utils.check_values): an
+# interval in the usual notation ('[1, inf)': 1 or more; '(0, 1]'), applied to each element of
+# a tuple; or (interval, {value: meaning}) for values outside it that mean something. Integer
+# keys stay integers (the locked config refuses 2.5). Enumerated keys are checked against
+# the registries that read them (config_utils._choices); rules between keys are in
+# config_utils._CROSS_RULES.
+RANGES = {
+    'seed': '[0, inf)',
+    # data
+    'data.image_size': '[1, inf)',
+    'data.max_text_len': '[2, inf)',
+    'data.mean': '[0, 1]',
+    'data.std': '(0, inf)',
+    'data.drop_color_prob': '[0, 1]',
+    'data.curriculum.steps': ('[1, inf)', {0: 'off'}),
+    'data.curriculum.max_objects': '[1, inf)',
+    'data.num_threads': '[1, inf)',
+    'data.prefetch': '[0, inf)',
+    'data.val_fraction': '[0, 1)',
+    'data.test_fraction': '[0, 1)',
+    'data.split_seed': '[0, inf)',
+    # model
+    'model.embed_dim': '[1, inf)',
+    'model.image.patch_size': '[1, inf)',
+    'model.image.width': '[1, inf)',
+    'model.image.depth': '[1, inf)',
+    'model.image.num_heads': '[1, inf)',
+    'model.image.mlp_dim': '[1, inf)',
+    'model.image.ln_eps': '(0, inf)',
+    'model.image.dropout': '[0, 1)',
+    'model.image.posemb_grid': ('[1, inf)', {0: 'the grid of data.image_size'}),
+    'model.image.patch_dropout': '[0, 1)',
+    'model.image.layers': '[1, inf)',
+    'model.image.norm_groups': '[1, inf)',
+    'model.text.vocab_size': ('[1, inf)', {0: 'from the tokenizer'}),
+    'model.text.width': '[1, inf)',
+    'model.text.depth': '[1, inf)',
+    'model.text.num_heads': '[1, inf)',
+    'model.text.mlp_dim': '[1, inf)',
+    'model.text.ln_eps': '(0, inf)',
+    'model.text.dropout': '[0, 1)',
+    'model.text.max_len': ('[1, inf)', {0: 'data.max_text_len'}),
+    'model.text.type_vocab_size': ('[1, inf)', {0: 'none'}),
+    'model.fusion.width': ('[1, inf)', {0: "the text tower's width"}),
+    'model.fusion.depth': '[1, inf)',
+    'model.fusion.num_heads': '[1, inf)',
+    'model.fusion.mlp_dim': '[1, inf)',
+    'model.fusion.dropout': '[0, 1)',
+    'model.fusion.ln_eps': '(0, inf)',
+    'model.fusion.every': '[1, inf)',
+    'model.fusion.num_queries': '[1, inf)',
+    'model.decoder.unimodal_depth': '[0, inf)',
+    'model.decoder.multimodal_depth': '[1, inf)',
+    'model.decoder.num_queries': '[1, inf)',
+    'model.temperature.init': '(-inf, inf)',  # and within [min, max]
+    'model.temperature.min': '[-inf, inf]',  # -inf, inf: no bound
+    'model.temperature.max': '[-inf, inf]',
+    'model.temperature.bias_init': '(-inf, inf)',
+    'model.lora.rank': ('[1, inf)', {0: 'off'}),
+    'model.lora.alpha': '(0, inf)',
+    # loss
+    'loss.weights.itc': '[0, inf)',
+    'loss.weights.itm': '[0, inf)',
+    'loss.weights.mlm': '[0, inf)',
+    'loss.weights.caption': '[0, inf)',
+    'loss.weights.vqa': '[0, inf)',
+    'loss.label_smoothing': '[0, 1)',
+    'loss.block_size': '[1, inf)',
+    'loss.itm_negative_scale': ('[0, inf)', {-1: "the model's contrastive logit scale"}),
+    'loss.mlm_probability': '[0, 1]',
+    'loss.mlm_word_classes.spatial.probability': '[0, 1]',
+    'loss.mlm_word_classes.attribute.probability': '[0, 1]',
+    'loss.mlm_word_classes.object.probability': '[0, 1]',
+    'loss.mlm_word_classes.spatial.token_ids': '[0, inf)',
+    'loss.mlm_word_classes.attribute.token_ids': '[0, inf)',
+    'loss.mlm_word_classes.object.token_ids': '[0, inf)',
+    'loss.mlm_mask_id': ('[0, inf)', {-1: "the tokenizer's"}),
+    # optim
+    'optim.learning_rate': '(0, inf)',
+    'optim.warmup_steps': ('[1, inf)', {0: 'no warmup'}),  # and <= train.num_steps
+    'optim.end_learning_rate_factor': '[0, 1]',
+    'optim.b1': '[0, 1)',
+    'optim.b2': '[0, 1)',
+    'optim.eps': '(0, inf)',
+    'optim.weight_decay': '[0, inf)',
+    'optim.grad_clip_norm': ('(0, inf)', {0: 'off'}),
+    # parallel
+    'parallel.mesh.data': ('[1, inf)', {-1: 'the remaining devices'}),
+    'parallel.mesh.fsdp': ('[1, inf)', {-1: 'the remaining devices'}),
+    'parallel.mesh.tensor': ('[1, inf)', {-1: 'the remaining devices'}),
+    # train
+    'train.num_steps': '[0, inf)',
+    'train.batch_size': '[1, inf)',
+    'train.log_every_steps': '[1, inf)',
+    'train.max_steps_per_run': ('[1, inf)', {0: 'no limit'}),
+    'train.microbatches': '[1, inf)',  # and dividing train.batch_size
+    'train.max_consecutive_skips': ('[1, inf)', {0: 'never stop'}),
+    # eval
+    'eval.every_steps': ('[1, inf)', {0: 'only at the end'}),
+    'eval.batch_size': '[1, inf)',
+    'eval.max_examples': ('[1, inf)', {0: 'the whole split'}),
+    'eval.rerank_k': '[1, inf)',
+    # checkpoint
+    'checkpoint.every_steps': ('[1, inf)', {0: 'only at the end, at train.max_steps_per_run '
+                                               'and at a preemption notice'}),
+    'checkpoint.keep': '[1, inf)',
+}

@@ -253,6 +253,11 @@ def _evaluate(config, setup: Setup, state: TrainState, tokenizer, writer: writer
   return results
 
 
+def _periodic(step: int, every: int) -> bool:
+  """Whether `step` is a multiple of `every` (0 = never: only at the end and when stopping)."""
+  return bool(every) and step % every == 0
+
+
 def _train_steps(config, setup: Setup, state: TrainState, data_iter, dropout_rng: jax.Array,
                  checkpointer: checkpointing.Checkpointer, writer: writers.MetricWriter,
                  tokenizer, start_step: int, results: dict) -> tuple[TrainState, dict]:
@@ -294,11 +299,12 @@ def _train_steps(config, setup: Setup, state: TrainState, data_iter, dropout_rng
       progress.update(1)
       stop = bool(max_per_run) and done - start_step >= max_per_run and done < num_steps
       preempted = done < num_steps and notice.requested(done)
-      eval_due = bool(every and done % every == 0) or done == num_steps
+      eval_due = _periodic(done, every) or done == num_steps
       if eval_due and not preempted:
         results = _evaluate(config, setup, state, tokenizer, writer, done)
         window_start = time.perf_counter()
-      if done % config.checkpoint.every_steps == 0 or done == num_steps or stop or preempted:
+      save_due = _periodic(done, config.checkpoint.every_steps) or done == num_steps
+      if save_due or stop or preempted:
         monitor.check(state.health, done, checkpointer.latest_step())
         checkpointer.save(done, state, {'iterator': data_iter.get_state(),
                                         'eval_pending': eval_due and preempted}, force=True)
