@@ -418,7 +418,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous(reference, second
   os.remove(workdir / 'results.json')
   run = _train(workdir, shapes_small_dir, _env(cache_dir))
   assert run.returncode == 0, run.tail()
-  assert f'The checkpoint of step {STEPS} in {workdir / "checkpoints"} cannot be read' in run.log
+  assert f'The checkpoint of step {STEPS} in {workdir / "checkpoints"} is damaged' in run.log
   assert f'Resuming from checkpoint at step {STEPS - 2} ' in run.log
   assert_same_outcome(_outcome(str(workdir)), reference[1])
 

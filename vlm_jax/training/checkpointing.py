@@ -8,19 +8,29 @@ What survives what:
 - A killed save: orbax writes into `<step>.orbax-checkpoint-tmp` and renames it when
   complete, so the previous checkpoints stay the latest complete ones; the next training run
   (`training=True`) removes the leftover.
-- A damaged checkpoint (missing or truncated files, bytes that no longer match the
-  fingerprint): `restore_latest` warns, moves it to `<workdir>/checkpoints.unusable/` and
-  falls back to the previous one; if none is readable it raises UnusableCheckpointError and
-  moves nothing.
+- A damaged checkpoint: `restore_latest` warns, moves it to `<workdir>/checkpoints.unusable/`
+  and falls back to the previous one; if none is readable it raises UnusableCheckpointError
+  and moves nothing. Damage needs evidence: a file that differs from the size and CRC32
+  recorded in the step's `integrity.json` once its save completed, arrays that do not match
+  the fingerprint, or a format error from orbax (a missing file or item, bytes it cannot
+  parse). Checkpoints written before the record existed are judged by the last two.
+- A checkpoint that cannot be read for another reason (an I/O or permission error, host
+  memory running out): CheckpointReadError, and nothing is moved, so that the same command
+  resumes from it once the cause is gone.
+- Readers (`vlm_jax.evaluate`, `vlm_jax.generate`): `restore_latest(read_only=True)` uses the
+  newest checkpoint that restores and moves nothing.
 - A failed write (full disk, unwritable directory): CheckpointWriteError naming the directory,
   the step and the cause; the earlier checkpoints are intact.
 - A checkpoint of another model config, or a state of another structure (e.g. another
   optimizer): CheckpointMismatchError, never a fall-back.
 """
 import contextlib
+import json
 import logging
 import os
+import re
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -35,6 +45,13 @@ from vlm_jax.training import fingerprint as fingerprint_lib
 from vlm_jax.training import nonfinite
 
 UNUSABLE_DIR = 'checkpoints.unusable'  # beside `checkpoints/`, where damaged steps are moved
+INTEGRITY_FILE = 'integrity.json'  # in each step's directory: {path: [size, crc32]} of its files
+# tensorstore reports errors as ValueError('STATUS: ...'). These statuses say that the bytes on
+# disk are not a valid checkpoint; others (PERMISSION_DENIED, UNAVAILABLE, RESOURCE_EXHAUSTED,
+# ...) that reading them failed, which is no evidence of damage.
+_FORMAT_STATUSES = ('NOT_FOUND', 'OUT_OF_RANGE', 'DATA_LOSS', 'INVALID_ARGUMENT',
+                    'FAILED_PRECONDITION')
+_STATUS = re.compile(r'([A-Z][A-Z_]+): ')
 
 
 class CheckpointMismatchError(ValueError):
@@ -47,6 +64,76 @@ class CheckpointWriteError(OSError):
 
 class UnusableCheckpointError(OSError):
   """The workdir holds checkpoints, but none of them can be read."""
+
+
+class CheckpointReadError(OSError):
+  """A checkpoint could not be read for a reason that is not damage (I/O, permission, memory)."""
+
+
+class DamagedCheckpointError(ValueError):
+  """Evidence that a checkpoint's bytes changed after it was saved."""
+
+
+def is_damage(error: BaseException) -> bool:
+  """Whether `error`, raised while restoring a checkpoint, is evidence that it is damaged."""
+  if isinstance(error, (DamagedCheckpointError, FileNotFoundError)):
+    return True  # a recorded file differs or is gone
+  if isinstance(error, (OSError, MemoryError)):
+    return False
+  if isinstance(error, ValueError):  # orbax's and tensorstore's format errors, bad JSON
+    status = _STATUS.match(str(error))
+    return status is None or status.group(1) in _FORMAT_STATUSES
+  return isinstance(error, KeyError)  # orbax: an item missing from the checkpoint
+
+
+def _crc32(path: str) -> int:
+  crc = 0
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      crc = zlib.crc32(block, crc)
+  return crc
+
+
+def _files(step_dir: str) -> list[str]:
+  """Paths, relative to `step_dir`, of the files of a checkpoint (not its record)."""
+  found = []
+  for root, _, names in os.walk(step_dir):
+    found += [os.path.relpath(os.path.join(root, n), step_dir) for n in names]
+  return sorted(f for f in found if f != INTEGRITY_FILE)
+
+
+def write_integrity(step_dir: str) -> None:
+  """Records the size and CRC32 of every file of a completed checkpoint (atomically)."""
+  files = {f: [os.path.getsize(os.path.join(step_dir, f)), _crc32(os.path.join(step_dir, f))]
+           for f in _files(step_dir)}
+  path = os.path.join(step_dir, INTEGRITY_FILE)
+  with open(path + '.tmp', 'w') as f:
+    json.dump({'version': 1, 'files': files}, f)
+  os.replace(path + '.tmp', path)
+
+
+def verify_integrity(step_dir: str) -> bool:
+  """Checks a checkpoint's files against its record; False if it has none (written before
+  records existed, or its process stopped before writing it). Raises DamagedCheckpointError
+  for a missing or changed file; OSError when a file cannot be read."""
+  path = os.path.join(step_dir, INTEGRITY_FILE)
+  if not os.path.exists(path):
+    return False
+  try:
+    with open(path) as f:
+      files = json.load(f)['files']
+  except (ValueError, KeyError, TypeError) as e:
+    raise DamagedCheckpointError(f'its {INTEGRITY_FILE} is unreadable ({e})') from None
+  for name, (size, crc) in files.items():
+    file = os.path.join(step_dir, name)
+    if not os.path.exists(file):
+      raise DamagedCheckpointError(f'its file {name} is missing')
+    if os.path.getsize(file) != size:
+      raise DamagedCheckpointError(f'its file {name} has {os.path.getsize(file)} bytes, '
+                                   f'{size} when saved')
+    if _crc32(file) != crc:
+      raise DamagedCheckpointError(f'the bytes of its file {name} changed after saving (CRC32)')
+  return True
 
 
 def model_signature(config: ml_collections.ConfigDict) -> dict:
@@ -62,11 +149,21 @@ def _key_paths(tree: Any) -> set[str]:
   return {'/'.join(name(k) for k in path) for path, _ in flat}
 
 
-def _all_processes_agree(ok: bool) -> bool:
-  """True if `ok` on every process (a collective in multi-process runs)."""
+def _worst_outcome(outcome: int) -> int:
+  """The largest `outcome` over all processes (a collective in multi-process runs)."""
   if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+    return outcome
+  return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+
+
+def _describe(error: BaseException) -> str:
+  """One line: the error's type and the first line of its message."""
+  if isinstance(error, OSError) and error.strerror:
+    text = f'{error.strerror} (errno {error.errno})'
+    text += f': {error.filename}' if error.filename else ''
+  else:
+    text = (str(error).splitlines() or [''])[0]
+  return f'{type(error).__name__}: {text[:300]}'.rstrip(': ')
 
 
 class Checkpointer:
@@ -117,10 +214,16 @@ class Checkpointer:
     return saved
 
   def wait(self) -> None:
-    """Waits for an asynchronous save; raises CheckpointWriteError if it failed."""
+    """Waits for an asynchronous save and records its files' sizes and CRC32s; raises
+    CheckpointWriteError if it failed."""
     step, self._in_flight = self._in_flight, None
     with self._write_errors(step):
       self._manager.wait_until_finished()
+      if step is not None and jax.process_index() == 0:
+        write_integrity(self._step_dir(step))
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def close(self, raise_errors: bool = True) -> None:
     """Finishes a save in flight and releases the manager. `raise_errors=False` (while
@@ -193,7 +296,9 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores checkpoint `step` into the shapes and shardings of `abstract_state` (a
-    TrainState of ShapeDtypeStructs) and checks its fingerprint; returns (state, data)."""
+    TrainState of ShapeDtypeStructs) and checks its files' record and its fingerprint;
+    returns (state, data). Raises DamagedCheckpointError for files or arrays that changed."""
+    verify_integrity(self._step_dir(step))
     self.check_compatible(step)
     has_health = self._check_structure(step, abstract_state)
     target = abstract_state if has_health else {
@@ -204,8 +309,8 @@ class Checkpointer:
     state, data = restored['state'], dict(restored['data'])
     expected = data.pop('fingerprint', None)
     if expected is not None and fingerprint_lib.fingerprint(state) != expected:
-      raise ValueError('its arrays do not match the fingerprint recorded when it was saved '
-                       '(the files were altered after saving)')
+      raise DamagedCheckpointError('its arrays do not match the fingerprint recorded when it '
+                                   'was saved (the files were altered after saving)')
     if not has_health:  # written before non-finite steps were counted
       health = jax.tree.map(lambda x, s: jax.device_put(x, s.sharding), nonfinite.init(),
                             abstract_state.health)
@@ -213,39 +318,65 @@ class Checkpointer:
     logging.info('Restored checkpoint of step %d from %s', step, self.directory)
     return state, data
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+  def restore_latest(self, abstract_state: Any, read_only: bool = False
+                     ) -> tuple[int, Any, dict] | None:
     """(step, state, data) of the newest checkpoint that restores; None if there is none.
 
-    A checkpoint that cannot be read is reported, and once an older one has restored, moved
-    to `<workdir>/checkpoints.unusable/`. Raises UnusableCheckpointError (moving nothing)
-    if no checkpoint can be read, CheckpointMismatchError for another model or state.
+    A damaged checkpoint (see `is_damage`) is reported and, once an older one has restored,
+    moved to `<workdir>/checkpoints.unusable/` (never with `read_only`); `self.skipped` lists
+    (step, why) of those passed over. Raises UnusableCheckpointError (moving nothing) if no
+    checkpoint can be read, CheckpointReadError (moving nothing) for a failure that is not
+    damage, CheckpointMismatchError for another model or state.
     """
-    steps = self.all_steps()
-    failures = []
-    for step in reversed(steps):
-      try:
-        state, data = self.restore(step, abstract_state)
-        ok = True
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        ok = False
-        failures.append((step, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'))
-        logging.warning('The checkpoint of step %d in %s cannot be read (%s); trying the '
-                        'previous one.', step, self.directory, failures[-1][1])
-      if _all_processes_agree(ok):
-        for bad, _ in failures:
-          self._set_aside(bad)
-        if failures:
-          logging.warning('Resuming from step %d instead of %d; the unreadable checkpoints '
-                          'were moved to %s.', step, failures[0][0], self._unusable_dir)
+    self.skipped = []
+    for step in reversed(self.all_steps()):
+      state, data, error = self._try_restore(step, abstract_state)
+      outcome = 0 if error is None else 1 if is_damage(error) else 2
+      agreed = _worst_outcome(outcome)
+      if agreed == 2:
+        raise self._read_error(step, error)
+      if agreed == 0:
+        self._after_fallback(step, read_only)
         return step, state, data
-    if failures:
-      listed = '; '.join(f'step {s}: {why}' for s, why in failures)
+      why = _describe(error) if error is not None else 'damaged on another process'
+      self.skipped.append((step, why))
+      logging.warning('The checkpoint of step %d in %s is damaged (%s); trying the previous '
+                      'one.', step, self.directory, why)
+    if self.skipped:
+      listed = '; '.join(f'step {s}: {why}' for s, why in self.skipped)
       raise UnusableCheckpointError(
           f'None of the checkpoints in {self.directory} can be read ({listed}). Move the '
           'directory away to start from scratch, or restore it from a backup.')
     return None
+
+  def _try_restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, Exception | None]:
+    """(state, data, None), or (None, None, the error) for any failure but a mismatch."""
+    try:
+      return (*self.restore(step, abstract_state), None)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      return None, None, e
+
+  def _after_fallback(self, step: int, read_only: bool) -> None:
+    """Moves the damaged checkpoints passed over aside (unless `read_only`), and says so."""
+    if not self.skipped:
+      return
+    if read_only:
+      logging.warning('Using the checkpoint of step %d instead of %d; nothing was moved.',
+                      step, self.skipped[0][0])
+      return
+    for bad, _ in self.skipped:
+      self._set_aside(bad)
+    logging.warning('Resuming from step %d instead of %d; the damaged checkpoints were moved '
+                    'to %s.', step, self.skipped[0][0], self._unusable_dir)
+
+  def _read_error(self, step: int, error: Exception | None) -> CheckpointReadError:
+    cause = _describe(error) if error is not None else 'it failed on another process'
+    return CheckpointReadError(
+        f'Could not read the checkpoint of step {step} in {self.directory}: {cause}. This is '
+        'no evidence of damage, so nothing was moved; fix the cause (permissions, storage, '
+        'host memory) and run the same command again.')
 
   @property
   def _unusable_dir(self) -> str:
