@@ -139,7 +139,7 @@ def test_own_value_errors_are_one_line_and_library_errors_keep_their_traceback()
   assert not cli.raised_by_own_code(numpy_bug.value)
   main = ('import sys; from vlm_jax import cli, losses; import numpy as np; '
           'cli.run(lambda argv: losses.get_loss("softmx") if sys.argv[1:] == ["ours"] '
-          'else np.zeros(4).reshape(3))')
+          'else np.zeros(4).reshape(3), positional=1)')
   run = lambda arg, env=ENV: subprocess.run([sys.executable, '-c', main, arg], cwd=REPO,
                                             env=env, capture_output=True, text=True,
                                             timeout=120)

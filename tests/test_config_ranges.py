@@ -148,7 +148,8 @@ def _set(config, key: str, value) -> None:
 
 
 def test_the_table_covers_every_checked_key():
-  checked = set(defaults.RANGES) | set(config_utils._choices(_config()))  # pylint: disable=protected-access
+  choices = config_utils._choices(_config())  # pylint: disable=protected-access
+  checked = set(defaults.RANGES) | set(choices)
   assert checked == {key for key, _, _ in VALUES}
 
 

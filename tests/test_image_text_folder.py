@@ -389,3 +389,35 @@ def test_clip_folder_trains_and_evaluates(tmp_path, caplog):
                               datasets.load_tokenizer(config.data))
   assert not any('zeroshot' in k for k in results) and 'eval/test/i2t_recall@1' in results
   assert 'Zero-shot evaluation skipped' in caplog.text
+
+
+def test_symbolic_links_out_of_the_folder_are_refused(tmp_path):
+  root = tmp_path / 'root'
+  folder, elsewhere = root / 'photos', root / 'elsewhere'
+  folder.mkdir(parents=True)
+  elsewhere.mkdir()
+  for name in ('inside.png', 'target.png'):
+    (folder / name).write_bytes(_png(_photo(0)))
+  (elsewhere / 'secret.png').write_bytes(_png(_photo(1)))
+  os.symlink(elsewhere / 'secret.png', folder / 'link_out.png')  # a file link out
+  os.symlink(elsewhere, folder / 'dir_out')  # a folder link out
+  os.symlink(folder / 'target.png', folder / 'link_in.png')  # stays inside: followed
+  images = ['inside.png', 'link_in.png', 'link_out.png', 'dir_out/secret.png']
+  _write_rows(folder, [{'image': i, 'caption': f'photo {i}'} for i in images], 'csv')
+  assert caption_files.resolve_image(str(folder), 'link_in.png') == str(folder / 'link_in.png')
+  assert caption_files.resolve_image(str(folder), 'link_out.png') is None
+  cfg = _data_cfg(folder, tmp_path / 'tfds', val_fraction=0.0, test_fraction=0.0)
+  datasets.ensure_built(cfg)
+  with open(image_text_folder.report_path(cfg)) as f:
+    report = json.load(f)
+  assert report['usable'] == 2 and report['skipped']['rejected'] == 2
+  assert {s['image']: s['detail'] for s in report['skipped_images']} == {
+      name: 'a symbolic link on its path leads outside the folder'
+      for name in ('link_out.png', 'dir_out/secret.png')}
+  shards = tmp_path / 'shards'
+  shards.mkdir()
+  (elsewhere / 'x.tar').write_bytes(b'')
+  os.symlink(elsewhere / 'x.tar', shards / '00000.tar')
+  with pytest.raises(ValueError, match=r"the shard '00000.tar' is a symbolic link to .*x.tar', "
+                                       'outside the folder'):
+    webdataset.resolve_shards(str(shards))

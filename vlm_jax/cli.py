@@ -127,11 +127,23 @@ def quiet_library_logs() -> None:
     handler.addFilter(_QuietLibraries())
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """`app.run(main)` with clean errors for config mistakes and `UserError`s."""
+def refuse_positional(argv: list[str], allowed: int = 0) -> None:
+  """Raises UserError for arguments that are not flags beyond the first `allowed` (argv[0] is
+  the program): an unquoted value with spaces would otherwise lose its words silently."""
+  extra = argv[1 + allowed:]
+  if extra:
+    raise UserError(f'Unexpected argument(s) {" ".join(repr(a) for a in extra)}: every value '
+                    'is given as --name=value; quote a value that has spaces, e.g. '
+                    '--question="how many objects".')
+
+
+def run(main: Callable[[list[str]], None], positional: int = 0) -> None:
+  """`app.run(main)` with clean errors for config mistakes and `UserError`s; arguments that
+  are not flags, beyond `positional` of them (e.g. a command), are an error."""
   def wrapped(argv):
     quiet_library_logs()
     try:
+      refuse_positional(argv, positional)
       main(argv)
     except UserError as e:
       if os.environ.get(TRACEBACK_ENV) == '1':

@@ -1,4 +1,4 @@
-"""Evaluates the latest checkpoint of a workdir and writes `results.json` there.
+"""Evaluates the newest checkpoint of a workdir that verifies and writes `results.json` there.
 
   python -m vlm_jax.evaluate --config=configs/clip_shapes.py --workdir=runs/clip_shapes
 
@@ -28,7 +28,8 @@ distributed.define_flags()
 
 
 def evaluate_workdir(config, workdir: str | None) -> dict:
-  """Runs `config.eval` on the latest checkpoint in `workdir`, or, when there is none, on the
+  """Runs `config.eval` on the newest checkpoint in `workdir` that verifies (a damaged one is
+  passed over and left in place; one line says which is used), or, when there is none, on the
   parameters of `config.init.pretrained`; writes results into `workdir` if given."""
   import jax  # pylint: disable=g-import-not-at-top
   from vlm_jax.data import datasets  # pylint: disable=g-import-not-at-top
@@ -48,7 +49,8 @@ def evaluate_workdir(config, workdir: str | None) -> dict:
                           'parameters with --config.init.pretrained=WORKDIR')
     setup = trainer.Setup(config)
     if step is not None:
-      state, _ = checkpointer.restore(step, setup.abstract_state)
+      step, state, _ = checkpointer.restore_latest(setup.abstract_state, read_only=True)
+      print(checkpointer.chosen(step), file=sys.stderr)
     else:
       state, step = pretrained.load_into_state(config, setup.init_state(jax.random.key(0))), 0
   finally:

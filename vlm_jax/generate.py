@@ -7,13 +7,15 @@
   python -m vlm_jax.generate --workdir=runs/coca_shapes --image=scene.png
       --temperature=0.8 --top_k=10 --top_p=0.9
 
-Reads the run's config.json, its tokenizer and its latest checkpoint; resizes the image to
+Reads the run's config.json, its tokenizer and its newest checkpoint that verifies (one line
+on stderr says which; a damaged one is passed over and left in place); resizes the image to
 the model's input size and normalises it as the input pipeline does; prints the caption (or
 the answer) on one line. Greedy by default, beam search with --beams > 1, sampling with
 --temperature > 0.
 """
 import logging
 import os
+import sys
 
 from absl import flags
 
@@ -68,7 +70,8 @@ def read_captioner_config(workdir: str):
 
 
 def restore_captioner(workdir: str, config):
-  """(model, params, tokenizer) of the latest checkpoint in `workdir`."""
+  """(model, params, tokenizer) of the newest checkpoint in `workdir` that verifies (a damaged
+  one is passed over and left in place; one line on stderr says which is used)."""
   from vlm_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from vlm_jax.training import checkpointing, trainer  # pylint: disable=g-import-not-at-top
   try:
@@ -83,8 +86,9 @@ def restore_captioner(workdir: str, config):
       raise cli.UserError(f'No checkpoint in {checkpointer.directory}; train first with '
                           f'python -m vlm_jax.train --workdir={workdir}')
     setup = trainer.Setup(config)
-    state, _ = checkpointer.restore(step, setup.abstract_state)
-  except checkpointing.CheckpointMismatchError as e:
+    step, state, _ = checkpointer.restore_latest(setup.abstract_state, read_only=True)
+    print(checkpointer.chosen(step), file=sys.stderr)
+  except (checkpointing.CheckpointMismatchError, OSError) as e:
     raise cli.UserError(str(e)) from None
   finally:
     checkpointer.close()
@@ -123,6 +127,10 @@ def main(argv: list[str]) -> None:
       text, = generator.captions(images)
   except ValueError as e:
     raise cli.UserError(str(e)) from None
+  if not text.strip():
+    print('notice: the model generated an empty text (an end-of-sequence token first); it may '
+          'need more training, or try --beams=4 or sampling (--temperature=0.8).',
+          file=sys.stderr)
   print(text)
 
 

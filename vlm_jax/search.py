@@ -92,7 +92,7 @@ def run_command(command: str) -> None:
 
 def main(argv: list[str]) -> None:
   logging.getLogger().setLevel(logging.WARNING)
-  if len(argv) != 2 or argv[1] not in COMMANDS:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
     raise cli.UserError(f'Give one command: {" | ".join(COMMANDS)} (got {argv[1:]}); see '
                         'python -m vlm_jax.search --help')
   from vlm_jax.inference import search  # pylint: disable=g-import-not-at-top
@@ -103,4 +103,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(main, positional=1)

@@ -10,8 +10,9 @@ A folder holds images (any layout below it) and one index, `captions.csv` (a hea
            other lower-case name (optional; images without one are split by `assign_splits`)
 
 Several rows may name the same image: they become one sample with several captions. An image
-path that leaves the folder (absolute, or `..` above it) is never read: its sample carries the
-problem 'rejected'. Symbolic links inside the folder are followed.
+path that leaves the folder (absolute, `..` above it, or a symbolic link whose target is
+outside the folder) is never read: its sample carries the problem 'rejected'. Symbolic links
+to files inside the folder are followed.
 """
 import csv
 import dataclasses
@@ -117,14 +118,37 @@ def _captions(value, where: str) -> list[str]:
   return [c for c in (_text(v, where, 'caption') for v in values) if c]
 
 
-def resolve_image(folder: str, image: str) -> str | None:
-  """The file of `image` inside `folder`, or None if the path leaves the folder."""
+def _relative(image: str) -> str | None:
+  """`image` normalised, or None if it is absolute or climbs above its folder (`..`)."""
   if os.path.isabs(image) or image.startswith(('/', '\\')) or re.match(r'[A-Za-z]:', image):
     return None
   relative = os.path.normpath(image)
   if relative == os.pardir or relative.startswith(os.pardir + os.sep):
     return None
-  return os.path.join(folder, relative)
+  return relative
+
+
+def is_inside(folder: str, path: str) -> bool:
+  """Whether `path`, with every symbolic link resolved, lies inside `folder` (also resolved)."""
+  real_folder = os.path.realpath(folder)
+  return os.path.commonpath([real_folder, os.path.realpath(path)]) == real_folder
+
+
+def resolve_image(folder: str, image: str) -> str | None:
+  """The file of `image` inside `folder`, or None if the path leaves the folder, by its
+  text (absolute, `..`) or through a symbolic link."""
+  relative = _relative(image)
+  if relative is None:
+    return None
+  path = os.path.join(folder, relative)
+  return path if is_inside(folder, path) else None
+
+
+def _rejection(image: str) -> str:
+  """Why `resolve_image` refused `image`."""
+  if _relative(image) is None:
+    return 'the path leaves the folder'
+  return 'a symbolic link on its path leads outside the folder'
 
 
 def _merge(sample: Sample, key: str, value: str, where: str) -> None:
@@ -169,7 +193,7 @@ def read_folder(folder: str) -> tuple[list[Sample], dict[str, int]]:
     if sample is None:
       sample = samples[image_id] = Sample(image_id, [], path=file or '')
       if file is None:
-        sample.problem = ('rejected', 'the path leaves the folder')
+        sample.problem = ('rejected', _rejection(image))
     sample.captions.extend(c for c in captions if c not in sample.captions)
     _merge(sample, 'label', _text(row.get('label'), where, 'label'), where)
     _merge(sample, 'split', normalize_split(_text(row.get('split'), where, 'split'), where),

@@ -17,6 +17,7 @@ import re
 import tarfile
 from typing import Iterator
 
+from vlm_jax.data import caption_files
 from vlm_jax.data.caption_files import DataError, Sample, normalize_split
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp')
@@ -60,6 +61,11 @@ def resolve_shards(path: str) -> list[str]:
     shards = sorted(glob.glob(path))
   elif os.path.isdir(path):
     shards = sorted(glob.glob(os.path.join(path, '*.tar')))
+    outside = [s for s in shards if not caption_files.is_inside(path, s)]
+    if outside:
+      raise DataError(f'data.path={path!r}: the shard {os.path.basename(outside[0])!r} is a '
+                      f'symbolic link to {os.path.realpath(outside[0])!r}, outside the folder; '
+                      'copy it in, or name the shards with a pattern (dir/*.tar).')
   elif os.path.isfile(path) and '.tar' in os.path.basename(path):
     shards = [path]
   else:

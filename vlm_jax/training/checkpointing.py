@@ -371,6 +371,14 @@ class Checkpointer:
     logging.warning('Resuming from step %d instead of %d; the damaged checkpoints were moved '
                     'to %s.', step, self.skipped[0][0], self._unusable_dir)
 
+  def chosen(self, step: int) -> str:
+    """One line for readers: which checkpoint `restore_latest` used, and which it passed over."""
+    line = f'Using the checkpoint of step {step} in {self.directory}'
+    if self.skipped:
+      over = '; '.join(f'step {s}: {why}' for s, why in self.skipped)
+      line += f', the newest that verifies (passed over, and left in place: {over})'
+    return line + '.'
+
   def _read_error(self, step: int, error: Exception | None) -> CheckpointReadError:
     cause = _describe(error) if error is not None else 'it failed on another process'
     return CheckpointReadError(

@@ -5,19 +5,28 @@ Kubernetes) send SIGTERM some seconds before they stop a process. The loop then 
 checkpoint at the step it is at and exits 0; the same command resumes from it.
 
 One process: a Python signal handler sets the flag (a second SIGTERM while the checkpoint is
-written terminates at once; the checkpoints written so far stay usable). Several processes:
+written terminates at once; the checkpoints written so far stay usable). Before the first step
+(dataset build, set-up, restore: `interrupting()`) there is nothing to save, so the notice
+raises Preempted at once; the trainer then exits 0 and the same command starts again (tfds
+removes a half-built dataset). Several processes:
 they must all save at the same step, so the flag comes from JAX's preemption service
 (`multihost_utils.reached_preemption_sync_point`), which catches SIGTERM itself, tells the
 other processes, and agrees on the first step that every process can still reach. It needs
 `requested(step)` on every process at every step, which costs no communication until a
 notice arrives.
 """
+import contextlib
 import logging
 import signal
 import threading
 
 import jax
 from jax.experimental import multihost_utils
+
+
+class Preempted(BaseException):
+  """A preemption notice before the first step (a BaseException, like KeyboardInterrupt, so
+  that no `except Exception` on the way swallows it)."""
 
 
 class Watcher:
@@ -28,6 +37,7 @@ class Watcher:
     self._previous: dict[int, object] = {}
     self._received: int | None = None
     self._multiprocess = False
+    self._interrupting = False
 
   def __enter__(self) -> 'Watcher':
     self._multiprocess = jax.process_count() > 1
@@ -50,8 +60,21 @@ class Watcher:
     self._received = signum
     # A second notice while the checkpoint is written gets the usual behaviour (terminate).
     signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+    if self._interrupting:
+      raise Preempted(signal.Signals(signum).name)
     logging.warning('Received %s: saving a checkpoint after this step, then exiting.',
                     signal.Signals(signum).name)
+
+  @contextlib.contextmanager
+  def interrupting(self):
+    """Within: a notice raises Preempted (there is no step to save at yet)."""
+    if self._received is not None:
+      raise Preempted(self.signal_name)
+    self._interrupting = True
+    try:
+      yield
+    finally:
+      self._interrupting = False
 
   @property
   def signal_name(self) -> str:

@@ -1,4 +1,5 @@
 """The training loop: build everything from the config, resume, train, checkpoint, evaluate."""
+import dataclasses
 import functools
 import json
 import logging
@@ -176,10 +177,40 @@ def _log_setup(config, setup: Setup, start_step: int) -> None:
                config.train.num_steps, config.train.batch_size, start_step)
 
 
+@dataclasses.dataclass
+class _Prepared:
+  """What the training loop starts from (see `_prepare`)."""
+  setup: Setup
+  checkpointer: checkpointing.Checkpointer
+  tokenizer: Any
+  data_iter: Any
+  state: TrainState
+  data_state: dict
+  dropout_rng: jax.Array
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
-                       ) -> tuple[TrainState, dict]:
+                       ) -> tuple[TrainState | None, dict]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint), evaluates; returns the
-  final state and evaluation metrics (as in `results.json`; empty if the run stopped early)."""
+  final state and evaluation metrics (as in `results.json`; empty if the run stopped early;
+  (None, {}) after a preemption notice before the first step, which leaves nothing to save).
+
+  SIGTERM (a preemption notice) before the first step stops at once; from the first step on,
+  the loop saves a checkpoint after the step it is in and returns (see `preemption`)."""
+  with preemption.Watcher() as notice:
+    try:
+      with notice.interrupting():
+        prepared = _prepare(config, workdir)
+    except preemption.Preempted as e:
+      logging.warning('Preempted (%s) before the first step: nothing to save; the same '
+                      'command starts again.', e)
+      return None, {}
+    return _run(config, workdir, prepared, notice)
+
+
+def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Prepared:
+  """Builds the data, model and optimizer, writes config.json, restores the latest checkpoint
+  (or initialises); nothing here leaves the workdir unusable if interrupted."""
   primary = jax.process_index() == 0
   check_workdir(workdir)
   nonfinite.check_config(config.train)
@@ -189,20 +220,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   resolve_config(config, tokenizer)
 
   setup = Setup(config)
-  checkpointer = checkpointing.Checkpointer(workdir, config, training=True)
   if primary:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_utils.to_json(config))
     with open(os.path.join(workdir, PARAMS_FILE), 'w') as f:
       json.dump({'total': setup.num_params, 'trainable': setup.num_trainable,
                  'frozen': setup.num_params - setup.num_trainable}, f, indent=2)
+  checkpointer = checkpointing.Checkpointer(workdir, config, training=True)
+  try:
+    prepared = _restore_or_init(config, setup, checkpointer, tokenizer)
+  except BaseException:
+    checkpointer.close(raise_errors=False)
+    raise
+  _log_setup(config, setup, int(jax.device_get(prepared.state.step)))
+  logging.info('Data %s/%s: %s', config.data.name, config.data.builder_config,
+               {k: v.num_examples for k, v in info.splits.items()})
+  return prepared
 
-  rng = jax.random.key(config.seed)
-  init_rng, dropout_rng = jax.random.split(rng)
+
+def _restore_or_init(config, setup: Setup, checkpointer: checkpointing.Checkpointer,
+                     tokenizer) -> _Prepared:
+  """The input pipeline and state of the latest checkpoint, or fresh ones."""
+  init_rng, dropout_rng = jax.random.split(jax.random.key(config.seed))
   data_iter = pipeline.make_train_iterator(
       config.data, tokenizer, config.train.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-
   restored = checkpointer.restore_latest(setup.abstract_state)
   data_state = {}
   if restored is not None:
@@ -216,19 +258,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     if config.init.pretrained:
       state = pretrained.load_into_state(config, state)
       logging.info('Starting from the parameters of %s', config.init.pretrained)
-  start_step = int(jax.device_get(state.step))
-  _log_setup(config, setup, start_step)
-  logging.info('Data %s/%s: %s', config.data.name, config.data.builder_config,
-               {k: v.num_examples for k, v in info.splits.items()})
+  return _Prepared(setup, checkpointer, tokenizer, data_iter, state, data_state, dropout_rng)
 
+
+def _run(config: ml_collections.ConfigDict, workdir: str, prepared: _Prepared,
+         notice: preemption.Watcher) -> tuple[TrainState, dict]:
+  """The training loop from `prepared`, then the final evaluation and results.json."""
+  primary = jax.process_index() == 0
+  setup, checkpointer, tokenizer = prepared.setup, prepared.checkpointer, prepared.tokenizer
+  state = prepared.state
+  start_step = int(jax.device_get(state.step))
   # Rows past the checkpoint (written before a crash) are dropped: they will be written again.
   writer = writers.MetricWriter(workdir, enabled=primary, resume_step=start_step)
   try:
     results = {}
-    if data_state.get('eval_pending'):  # preempted before the evaluation of its step
+    if prepared.data_state.get('eval_pending'):  # preempted before the evaluation of its step
       results = _evaluate(config, setup, state, tokenizer, writer, start_step)
-    state, results = _train_steps(config, setup, state, data_iter, dropout_rng, checkpointer,
-                                  writer, tokenizer, start_step, results)
+    state, results = _train_steps(config, setup, state, prepared.data_iter,
+                                  prepared.dropout_rng, checkpointer, writer, tokenizer,
+                                  start_step, results, notice)
   except BaseException:
     checkpointer.close(raise_errors=False)  # finishes a save in flight
     writer.close()
@@ -260,7 +308,8 @@ def _periodic(step: int, every: int) -> bool:
 
 def _train_steps(config, setup: Setup, state: TrainState, data_iter, dropout_rng: jax.Array,
                  checkpointer: checkpointing.Checkpointer, writer: writers.MetricWriter,
-                 tokenizer, start_step: int, results: dict) -> tuple[TrainState, dict]:
+                 tokenizer, start_step: int, results: dict, notice: preemption.Watcher
+                 ) -> tuple[TrainState, dict]:
   """Steps `start_step + 1 ... train.num_steps`, logging, evaluating and checkpointing.
 
   Stops early, after writing a checkpoint, after `train.max_steps_per_run` steps or at a
@@ -277,45 +326,44 @@ def _train_steps(config, setup: Setup, state: TrainState, data_iter, dropout_rng
   progress = tqdm.tqdm(total=num_steps, initial=start_step, disable=not writer.enabled,
                        mininterval=1.0 if sys.stderr.isatty() else 30.0, desc='train')
   window_start, window_steps = time.perf_counter(), 0
-  with preemption.Watcher() as notice:
-    for step in range(start_step, num_steps):
-      batch = setup.device_batch(next(data_iter))
-      state, metrics = setup.step(state, batch, dropout_rng)
-      window_steps += 1
-      done = step + 1
-      if done % log_every == 0 or done == num_steps:
-        metrics = jax.device_get(metrics)
-        elapsed = time.perf_counter() - window_start
-        metrics['examples_per_sec'] = window_steps * config.train.batch_size / elapsed
-        metrics['steps_per_sec'] = window_steps / elapsed
-        writer.write(done, {f'train/{k}': v for k, v in metrics.items()})
-        progress.set_postfix(loss=f'{metrics["loss"]:.3f}',
-                             ex_s=f'{metrics["examples_per_sec"]:.0f}')
-        logging.info('step %d/%d loss %.4f lr %.2e, %.1f steps/s, %.0f examples/s', done,
-                     num_steps, metrics['loss'], metrics['learning_rate'],
-                     metrics['steps_per_sec'], metrics['examples_per_sec'])
-        monitor.check(state.health, done, checkpointer.latest_step())
-        window_start, window_steps = time.perf_counter(), 0
-      progress.update(1)
-      stop = bool(max_per_run) and done - start_step >= max_per_run and done < num_steps
-      preempted = done < num_steps and notice.requested(done)
-      eval_due = _periodic(done, every) or done == num_steps
-      if eval_due and not preempted:
-        results = _evaluate(config, setup, state, tokenizer, writer, done)
-        window_start = time.perf_counter()
-      save_due = _periodic(done, config.checkpoint.every_steps) or done == num_steps
-      if save_due or stop or preempted:
-        monitor.check(state.health, done, checkpointer.latest_step())
-        checkpointer.save(done, state, {'iterator': data_iter.get_state(),
-                                        'eval_pending': eval_due and preempted}, force=True)
-      if preempted:
-        logging.warning('Preempted (%s) at step %d: saved a checkpoint in %s; the same command '
-                        'resumes from step %d.', notice.signal_name, done,
-                        checkpointer.directory, done)
-        break
-      if stop:
-        logging.info('Stopping after %d steps of this run (train.max_steps_per_run); the same '
-                     'command resumes from step %d.', max_per_run, done)
-        break
+  for step in range(start_step, num_steps):
+    batch = setup.device_batch(next(data_iter))
+    state, metrics = setup.step(state, batch, dropout_rng)
+    window_steps += 1
+    done = step + 1
+    if done % log_every == 0 or done == num_steps:
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - window_start
+      metrics['examples_per_sec'] = window_steps * config.train.batch_size / elapsed
+      metrics['steps_per_sec'] = window_steps / elapsed
+      writer.write(done, {f'train/{k}': v for k, v in metrics.items()})
+      progress.set_postfix(loss=f'{metrics["loss"]:.3f}',
+                           ex_s=f'{metrics["examples_per_sec"]:.0f}')
+      logging.info('step %d/%d loss %.4f lr %.2e, %.1f steps/s, %.0f examples/s', done,
+                   num_steps, metrics['loss'], metrics['learning_rate'],
+                   metrics['steps_per_sec'], metrics['examples_per_sec'])
+      monitor.check(state.health, done, checkpointer.latest_step())
+      window_start, window_steps = time.perf_counter(), 0
+    progress.update(1)
+    stop = bool(max_per_run) and done - start_step >= max_per_run and done < num_steps
+    preempted = done < num_steps and notice.requested(done)
+    eval_due = _periodic(done, every) or done == num_steps
+    if eval_due and not preempted:
+      results = _evaluate(config, setup, state, tokenizer, writer, done)
+      window_start = time.perf_counter()
+    save_due = _periodic(done, config.checkpoint.every_steps) or done == num_steps
+    if save_due or stop or preempted:
+      monitor.check(state.health, done, checkpointer.latest_step())
+      checkpointer.save(done, state, {'iterator': data_iter.get_state(),
+                                      'eval_pending': eval_due and preempted}, force=True)
+    if preempted:
+      logging.warning('Preempted (%s) at step %d: saved a checkpoint in %s; the same command '
+                      'resumes from step %d.', notice.signal_name, done,
+                      checkpointer.directory, done)
+      break
+    if stop:
+      logging.info('Stopping after %d steps of this run (train.max_steps_per_run); the same '
+                   'command resumes from step %d.', max_per_run, done)
+      break
   progress.close()
   return state, results
