@@ -5,8 +5,11 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from vlm_jax import config_utils
+from vlm_jax.data import datasets
 from vlm_jax.training import checkpointing
 from vlm_jax.training import trainer
 
@@ -66,11 +69,16 @@ def test_generate_says_when_the_decoded_text_is_empty(tmp_path):
 
 @pytest.fixture(scope='module')
 def damaged_run(shapes_small_dir, tmp_path_factory):
-  """A workdir with checkpoints of steps 1 and 2, step 2 damaged (a flipped bit)."""
+  """A workdir (config.json, initial parameters saved as steps 1 and 2), step 2 damaged."""
   workdir = tmp_path_factory.mktemp('run')
-  config = tiny_config(shapes_small_dir, num_steps=3, max_steps_per_run=2)
-  config.checkpoint.every_steps = 1
-  trainer.train_and_evaluate(config, str(workdir))
+  config = tiny_config(shapes_small_dir)
+  trainer.resolve_config(config, datasets.load_tokenizer(config.data))
+  (workdir / 'config.json').write_text(config_utils.to_json(config))
+  state = trainer.Setup(config).init_state(jax.random.key(0))
+  checkpointer = checkpointing.Checkpointer(str(workdir), config)
+  for step in (1, 2):
+    checkpointer.save(step, state, {})
+  checkpointer.close()
   _damage(str(workdir / 'checkpoints' / '2'), 'flipped bit')
   return workdir
 

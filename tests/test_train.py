@@ -90,13 +90,3 @@ def test_command_line_train_then_evaluate(shapes_small_dir, tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and 'another model config' in bad.stderr
   assert 'Traceback' not in bad.stderr
-
-
-def test_checkpoint_every_steps_0_saves_only_when_stopping(shapes_small_dir, tmp_path):
-  config = tiny_config(shapes_small_dir, num_steps=3, max_steps_per_run=2)
-  config.checkpoint.every_steps = 0  # only at the end, at max_steps_per_run and preemption
-  state, _ = trainer.train_and_evaluate(config, str(tmp_path))
-  assert int(state.step) == 2
-  checkpointer = checkpointing.Checkpointer(str(tmp_path), config)
-  assert checkpointer.all_steps() == [2]
-  checkpointer.close()
