@@ -190,6 +190,7 @@ class Checkpointer:
       raise CheckpointWriteError(f'Cannot create the checkpoint directory {self.directory}: '
                                  f'{e.strerror or e}. Choose another --workdir.') from e
     self._in_flight: int | None = None  # the step of an asynchronous save not yet waited for
+    self.skipped: list[tuple[int, str]] = []  # damaged (step, why) the last restore passed over
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -340,8 +341,10 @@ class Checkpointer:
         return step, state, data
       why = _describe(error) if error is not None else 'damaged on another process'
       self.skipped.append((step, why))
-      logging.warning('The checkpoint of step %d in %s is damaged (%s); trying the previous '
-                      'one.', step, self.directory, why)
+      # A reader says it in one line when done (`chosen`).
+      logging.log(logging.INFO if read_only else logging.WARNING,
+                  'The checkpoint of step %d in %s is damaged (%s); trying the previous one.',
+                  step, self.directory, why)
     if self.skipped:
       listed = '; '.join(f'step {s}: {why}' for s, why in self.skipped)
       raise UnusableCheckpointError(
@@ -359,12 +362,8 @@ class Checkpointer:
       return None, None, e
 
   def _after_fallback(self, step: int, read_only: bool) -> None:
-    """Moves the damaged checkpoints passed over aside (unless `read_only`), and says so."""
-    if not self.skipped:
-      return
-    if read_only:
-      logging.warning('Using the checkpoint of step %d instead of %d; nothing was moved.',
-                      step, self.skipped[0][0])
+    """Moves the damaged checkpoints passed over aside and says so (readers: neither)."""
+    if not self.skipped or read_only:
       return
     for bad, _ in self.skipped:
       self._set_aside(bad)
