@@ -9,7 +9,8 @@ rows a step, place words (left, right, top, bottom, above, below) replaced by [M
 predicted through a vocabulary head: 'one' = one-object captions naming a place ('a red
 circle on the left'), 'absolute' = two-object captions placing each object ('... on the left
 and a blue square on the right'), 'relation' = two-object captions with a relation ('a red
-circle to the left of a blue square'), 'all' = every caption with a place word. Prints the
+circle to the left of a blue square'), 'horizontal' = those of them with 'left' or 'right',
+'all' = every caption with a place word. Prints the
 masked-word loss and accuracy on the step's batch every 100 steps. Model: patch-8 ViT of 2
 pre-LN blocks, 2 text blocks, 2 blocks of self- plus cross-attention, width 64; AdamW 1e-3,
 50 warmup steps, cosine.
@@ -70,9 +71,11 @@ def rows_of_kind(kind: str, ids: np.ndarray, word: dict[str, int], places: np.nd
   has = lambda w: (ids == word[w]).any(1)
   place = np.isin(ids, places).any(1)
   absolute = has('on') | has('in') | has('at')
+  relation = place & ~absolute & ~has('and')
   return np.flatnonzero({'one': place & absolute & ~has('and'),
                          'absolute': place & has('and'),
-                         'relation': place & ~absolute & ~has('and'),
+                         'relation': relation,
+                         'horizontal': relation & (has('left') | has('right')),
                          'all': place}[kind])
 
 
@@ -83,7 +86,8 @@ def main(argv):
   tok = datasets.load_tokenizer(config.data)
   stream = pipeline.make_train_dataset(config.data, tok, 1024, seed=0)
   places = np.asarray(tok.word_ids(PLACES)[0])
-  word = dict(zip(('on', 'in', 'at', 'and'), tok.word_ids(['on', 'in', 'at', 'and'])[0]))
+  names = ('on', 'in', 'at', 'and', 'left', 'right')
+  word = dict(zip(names, tok.word_ids(list(names))[0]))
   model = Model(tok.vocab_size, _PATCH.value)
   phases = [(name, int(steps)) for name, steps in (p.split(':') for p in _PHASES.value)]
   total = sum(steps for _, steps in phases)

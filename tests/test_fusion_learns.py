@@ -1,4 +1,4 @@
-"""Fusion learns: a small ALBEF trained for 400 steps tells a one-object caption's
+"""Fusion learns: a small ALBEF trained for 300 steps tells a one-object caption's
 position words from their mirror image ('on the left' vs 'on the right') by ITM, and cannot
 when the images are zeroed."""
 import numpy as np
@@ -28,7 +28,7 @@ def learning_config(data_dir):
   """`albef_shapes:tiny` at width 64 and depth 2 with the grounding recipe of
   configs/fusion_shapes.py (one-object scenes naming a place, place words masked more often)
   for all its steps, ITM on the dataset's false captions only (here: mirrored places)."""
-  config = tiny_config(data_dir, 'albef_shapes', num_steps=400, batch_size=64,
+  config = tiny_config(data_dir, 'albef_shapes', num_steps=300, batch_size=64,
                        log_every_steps=100)
   config.data.builder_config = '32px_medium'
   for tower in (config.model.image, config.model.text):
@@ -37,9 +37,9 @@ def learning_config(data_dir):
   f = config.model.fusion
   f.depth, f.num_heads, f.mlp_dim = 2, 4, 128
   config.optim.warmup_steps = 30
-  config.data.curriculum.steps = 400
+  config.data.curriculum.steps = 300
   config.loss.itm_batch_negatives = False
-  config.checkpoint.every_steps = 400
+  config.checkpoint.every_steps = 300
   config.eval.splits, config.eval.max_examples = ('test',), 0
   config.eval.zeroshot = config.eval.retrieval = False
   config.eval.rerank_k = 0
