@@ -26,6 +26,7 @@ VALUES = [
     ('data.drop_color_prob', 1.0, 1.1),
     ('data.curriculum.steps', 0, -1),
     ('data.curriculum.max_objects', 2, 0),
+    ('data.curriculum.first_caption_steps', 0, -1),
     ('data.num_threads', 1, 0),
     ('data.prefetch', 0, -1),
     ('data.val_fraction', 0.0, 1.0),

@@ -154,6 +154,21 @@ def test_curriculum_draws_simple_scenes_with_the_words_first(small_data_cfg, tok
                                     whole, err_msg=k)
 
 
+def test_curriculum_gives_first_captions_until_first_caption_steps(small_data_cfg, tok):
+  plain = pipeline.make_train_dataset(small_data_cfg, tok, 32, seed=0)
+  small_data_cfg.curriculum.steps = 1
+  small_data_cfg.curriculum.first_caption_steps = 3
+  taught = pipeline.make_train_dataset(small_data_cfg, tok, 32, seed=0)
+  examples = pipeline.eval_examples(small_data_cfg, 'train')
+  first = {c[0] for c in examples['captions']}
+  for step in (1, 2):  # after the one-object step: every caption is its example's first
+    np.testing.assert_array_equal(taught[step]['image'], plain[step]['image'])
+    texts = tok.decode_batch(taught[step]['text_ids'])
+    assert all(t in first for t in texts), [t for t in texts if t not in first]
+    assert sum(t in first for t in tok.decode_batch(plain[step]['text_ids'])) < 16
+  _assert_batches_equal([taught[3]], [plain[3]])  # then the plain stream
+
+
 def test_simple_example_ids_count_objects(small_data_cfg):
   source = datasets.data_source(small_data_cfg, 'train', raw=True)
   ids = pipeline.simple_example_ids(source, 1)

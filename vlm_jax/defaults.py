@@ -41,8 +41,10 @@ def base_config() -> ml_collections.ConfigDict:
       # The first `steps` train steps draw only examples with at most `max_objects` objects
       # (datasets that record num_objects, e.g. shapes; others count as one) and, of each
       # example's captions, one that holds one of `words` when it has any: grounding on simple
-      # scenes first (0 = off).
-      curriculum=dict(steps=0, max_objects=1, words=()),
+      # scenes first (0 = off). After them, until step `first_caption_steps`, each example's
+      # first caption (shapes: its canonical wording, 'a red circle to the left of a blue
+      # square'): one wording before many (0 = off).
+      curriculum=dict(steps=0, max_objects=1, words=(), first_caption_steps=0),
       labels=False,             # add `label` [B]: the class of one-object images, -1 for
                                 # others (for loss.positives='same_label')
       vqa=False,                # add one question-answer sequence per image (captioners:
@@ -280,6 +282,7 @@ RANGES = {
     'data.drop_color_prob': '[0, 1]',
     'data.curriculum.steps': ('[1, inf)', {0: 'off'}),
     'data.curriculum.max_objects': '[1, inf)',
+    'data.curriculum.first_caption_steps': ('[1, inf)', {0: 'off'}),
     'data.num_threads': '[1, inf)',
     'data.prefetch': '[0, inf)',
     'data.val_fraction': '[0, 1)',

@@ -112,7 +112,7 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
                 seed: int, data_cfg: ml_collections.ConfigDict,
                 tokenizer: tokenizer_lib.Tokenizer,
                 raw_image_shape: tuple[int, int, int] | None = None,
-                curriculum_batches: int = 0) -> Batch:
+                curriculum_batches: int = 0, first_caption_batches: int = 0) -> Batch:
   """Reads, augments, normalises and tokenises the b examples of one batch at once.
 
   `raw_image_shape` is (S, S, 3) when the records hold raw pixels, None for PNG or JPEG.
@@ -120,7 +120,8 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
   Element r of batch `batch_index` is element j = batch_index * b + r of the stream; its
   caption and flip come from a hash of (seed, j), so they change from epoch to epoch. In the
   first `curriculum_batches` batches, captions holding one of `data.curriculum.words` are
-  preferred.
+  preferred; after them, until batch `first_caption_batches`, each example's first caption
+  is taken.
   """
   size = len(example_ids)
   ids = [int(i) for i in example_ids]
@@ -136,11 +137,13 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
   negative_kinds = tuple(data_cfg.hard_negative_kinds)
   words = (frozenset(w.lower() for w in data_cfg.curriculum.words)
            if batch_index < curriculum_batches else frozenset())
+  first_caption = curriculum_batches <= batch_index < first_caption_batches
   encoded, captions, negatives, questions, answers, labels = [], [], [], [], [], []
   flipped = np.zeros(size, bool)
   for r, features in enumerate(records.parse_each(records_)):
     h = _hash(seed, batch_index * size + r)
-    caption = _pick_caption(records.texts(features, 'captions'), h, words)
+    options = records.texts(features, 'captions')
+    caption = options[0] if first_caption else _pick_caption(options, h, words)
     if drop_color and _hash(seed + 1, batch_index * size + r) < drop_below:
       caption = shapes_text.drop_colors(caption, records.texts(features, 'objects/color'))
     encoded.append(records.encoded_image(features))  # read below, all at once
@@ -239,8 +242,9 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
   with its answer, `[BOS] question answer [EOS]`, loss on the answer and EOS; see
   `vlm_jax.data.vqa`). With `data.curriculum.steps` > 0, the batches of the first steps hold
   only examples with at most `data.curriculum.max_objects` objects (`simple_example_ids`,
-  shuffled by the same rule) and prefer captions with one of `data.curriculum.words`; later
-  batches are those of the plain stream.
+  shuffled by the same rule) and prefer captions with one of `data.curriculum.words`; then,
+  until step `data.curriculum.first_caption_steps`, every example gives its first caption;
+  later batches are those of the plain stream.
   """
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(f'The global batch size ({global_batch_size}) must be positive and '
@@ -282,7 +286,8 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, tokenizer: tokenizer
   ds = ds.map_with_index(functools.partial(
       _read_batch, source=source, seed=seed, data_cfg=data_cfg, tokenizer=tokenizer,
       raw_image_shape=datasets.raw_image_shape(data_cfg),
-      curriculum_batches=curriculum_batches))
+      curriculum_batches=curriculum_batches,
+      first_caption_batches=max(curriculum.first_caption_steps, 0) * process_count))
   return ds[process_index::process_count]
 
 
