@@ -4,9 +4,11 @@ captions.csv / captions.jsonl, or WebDataset tar shards (README, "Your own data"
   python -m vlm_jax.train --config=configs/clip_folder.py --workdir=runs/my_data \
       --config.data.path=DIR [--config.eval.prompt_templates="('a photo of a {}.',)"]
 
-Zero-shot top-1 on `test` uses the label names as classes (when the data has labels),
-retrieval recalls always. Variants: '' (clip_shapes' CPU-sized towers, 64 px, patch 8),
-'tiny' (tests, seconds), 'b16' (CLIP ViT-B/16 at 224 px, for accelerators).
+Zero-shot top-1 on `test` uses the label names as classes (when the data has labels), with
+prompt templates from the train captions that name a label unless given (written to the
+workdir's prompt_templates.json); retrieval recalls always. Variants: '' (clip_shapes'
+CPU-sized towers, 64 px, patch 8), 'tiny' (tests, seconds), 'b16' (CLIP ViT-B/16 at 224 px,
+for accelerators).
 
 Result on 2 CPU cores shared with other jobs, on 1,797 real handwritten-digit scans
 (scikit-learn's `load_digits`, written as a folder by experiments/make_digits_folder.py;
@@ -29,7 +31,7 @@ def _folder_data(c):
   c.data.train_split = 'train'
   c.eval.splits = ('test',)
   c.eval.matching = False  # swap negatives exist only for shapes' scenes
-  c.eval.prompt_templates = ('a photo of a {}.',)
+  c.eval.prompt_templates = ()  # from the train captions that name a label (eval/runner.py)
   return c
 
 

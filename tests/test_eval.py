@@ -252,6 +252,33 @@ def test_class_text_embeddings_rejects_wrong_encoder_output():
     vlm_eval.class_text_embeddings(encoder.encode, encoder.tokenize, 'circle', ['{}'])
 
 
+def test_templates_from_captions_most_frequent_first():
+  captions = ['the digit seven', 'a handwritten seven', 'the digit three', 'a handwritten 7',
+              'a seven and a three', 'the digit SEVEN', 'sevens everywhere',
+              'a scan of the number three', 'seven, seven', '  the digit three  ']
+  # 'the digit {}' 4 times; the others once, in alphabetical order; numerals, two classes,
+  # one class twice and 'sevens' (not a whole word) give nothing.
+  assert vlm_eval.templates_from_captions(captions, ['three', 'seven'], 8) == [
+      'the digit {}', 'a handwritten {}', 'a scan of the number {}']
+  assert vlm_eval.templates_from_captions(captions, ['three', 'seven'], 2) == [
+      'the digit {}', 'a handwritten {}']
+
+
+def test_templates_from_captions_multi_word_names_and_braces():
+  names = ['golden retriever', 'retriever', 'cat', 'c++']
+  captions = ['a golden  retriever on grass', 'a Retriever', 'a golden retriever and a cat',
+              'a cat {sleeping}', 'code in c++ today', 'a catalogue']
+  templates = vlm_eval.templates_from_captions(captions, names, 8)
+  assert templates == ['a {}', 'a {} on grass', 'a {} {{sleeping}}', 'code in {} today']
+  assert templates[2].format('cat') == 'a cat {sleeping}'
+
+
+def test_templates_from_captions_none_found():
+  assert vlm_eval.templates_from_captions(['a handwritten 7', 'noise'], ['seven'], 8) == []
+  assert vlm_eval.templates_from_captions(['a seven'], [], 8) == []
+  assert vlm_eval.templates_from_captions([], ['seven'], 8) == []
+
+
 # Invalid inputs.
 
 

@@ -365,9 +365,10 @@ def test_clip_folder_trains_and_evaluates(tmp_path, caplog):
   _write_rows(folder, rows, 'jsonl')
   config = tiny_config(tmp_path / 'tfds', 'clip_folder', num_steps=4)
   config.data.path = str(folder)
-  config.eval.prompt_templates = ('a {} square',)
   state, results = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   assert 0.0 <= results['eval/test/zeroshot_top1'] <= 1.0
+  with open(tmp_path / 'run' / runner.TEMPLATES_FILE) as f:  # derived from the captions
+    assert json.load(f) == {'source': 'captions', 'templates': ['a {} square', 'something {}']}
   assert 'eval/test/i2t_recall@1' in results and 'eval/test/t2i_recall@5' in results
   with open(tmp_path / 'run' / 'results.json') as f:
     assert json.load(f) == pytest.approx(results)
@@ -389,6 +390,51 @@ def test_clip_folder_trains_and_evaluates(tmp_path, caplog):
                               datasets.load_tokenizer(config.data))
   assert not any('zeroshot' in k for k in results) and 'eval/test/i2t_recall@1' in results
   assert 'Zero-shot evaluation skipped' in caplog.text
+
+
+def _labelled_folder(folder, captions):
+  """One tiny image per (caption, label) pair of `captions`, written as captions.csv; the
+  first is the test split, with a second caption 'a test LABEL'; the rest are train."""
+  folder.mkdir()
+  rows = []
+  for i, (caption, label) in enumerate(captions):
+    (folder / f'{i}.png').write_bytes(_png(_photo(i, 8, 8)))
+    rows.append({'image': f'{i}.png', 'caption': caption, 'label': label,
+                 'split': 'test' if i == 0 else 'train'})
+  label = captions[0][1]
+  rows.append({'image': '0.png', 'caption': f'a test {label}', 'label': label, 'split': 'test'})
+  _write_rows(folder, rows, 'csv')
+
+
+def _recorded_templates(config, workdir):
+  from vlm_jax.eval import runner  # pylint: disable=g-import-not-at-top
+  datasets.ensure_built(config.data)
+  workdir.mkdir(exist_ok=True)
+  runner.record_prompt_templates(config, str(workdir))
+  with open(workdir / runner.TEMPLATES_FILE) as f:
+    return json.load(f)
+
+
+def test_zeroshot_templates_come_from_the_captions(tmp_path, caplog):
+  from tests.run_configs import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path / 'tfds', 'clip_folder')
+  config.data.path, config.data.image_size = str(tmp_path / 'digits'), 16
+  _labelled_folder(tmp_path / 'digits', [
+      ('the digit seven', 'seven'), ('the digit one', 'one'), ('a scan of a one', 'one'),
+      ('a handwritten 7', 'seven'), ('the digit one', 'one'), ('a one or a seven', 'one')])
+  with caplog.at_level('INFO'):
+    recorded = _recorded_templates(config, tmp_path / 'run')
+  assert recorded == {'source': 'captions', 'templates': ['the digit {}', 'a scan of a {}']}
+  assert "Zero-shot prompt templates (from captions): ['the digit {}'" in caplog.text
+  config.eval.prompt_templates = ('a {} thing',)  # an explicit choice wins
+  assert _recorded_templates(config, tmp_path / 'run') == {
+      'source': 'config', 'templates': ['a {} thing']}
+  # Captions that never name a label: the photo template.
+  config.eval.prompt_templates = ()
+  config.data.path = str(tmp_path / 'unnamed')
+  _labelled_folder(tmp_path / 'unnamed', [('a picture', 'cat'), ('another', 'dog')])
+  assert _recorded_templates(config, tmp_path / 'run') == {
+      'source': 'photo', 'templates': ['a photo of a {}.']}
 
 
 def test_symbolic_links_out_of_the_folder_are_refused(tmp_path):

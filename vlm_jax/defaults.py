@@ -242,6 +242,8 @@ def base_config() -> ml_collections.ConfigDict:
       # add ITM accuracy and retrieval with the top `rerank_k` candidates re-ranked by ITM.
       matching=True,
       rerank_k=16,
+      # () = an image_text_folder's train captions that name a label, with the label as
+      # '{}' (else 'a photo of a {}.'); see vlm_jax/eval/runner.py prompt_templates.
       prompt_templates=('a {}', 'a small {}', 'a large {}', 'a picture of a {}'),
       # captioners (CoCa): greedy captions scored by CIDEr-D and BLEU-4 against all captions
       # of each image, and whether they name the object of single-object images; greedy

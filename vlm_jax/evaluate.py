@@ -56,6 +56,7 @@ def evaluate_workdir(config, workdir: str | None) -> dict:
   finally:
     if checkpointer:
       checkpointer.close()
+  runner.record_prompt_templates(config, workdir)
   results = runner.evaluate(config, setup.model, state.params, tokenizer)
   if workdir and jax.process_index() == 0:
     writer = writers.MetricWriter(workdir)

@@ -11,6 +11,7 @@ from vlm_jax.eval.retrieval import retrieval_metrics
 from vlm_jax.eval.vqa_metrics import normalize_answer
 from vlm_jax.eval.vqa_metrics import vqa_accuracy
 from vlm_jax.eval.zeroshot import class_text_embeddings
+from vlm_jax.eval.zeroshot import templates_from_captions
 from vlm_jax.eval.zeroshot import zeroshot_metrics
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     'normalize_answer',
     'positive_ranks',
     'retrieval_metrics',
+    'templates_from_captions',
     'vqa_accuracy',
     'zeroshot_metrics',
 ]

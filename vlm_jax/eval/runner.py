@@ -7,7 +7,9 @@ multi-process run), each evaluation batch becomes a global array split over the 
 axes, and the embeddings come back all-gathered (fully replicated), so that every process can
 read them.
 """
+import json
 import logging
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -17,13 +19,18 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlm_jax.data import datasets
+from vlm_jax.data import image_text_folder
 from vlm_jax.data import pipeline
+from vlm_jax.data import records
 from vlm_jax.eval import captioning
 from vlm_jax.eval import matching
 from vlm_jax.eval import retrieval
 from vlm_jax.eval import zeroshot
 from vlm_jax.inference import generation
 from vlm_jax.training import cpu_backend, partitioning
+
+TEMPLATES_FILE = 'prompt_templates.json'  # in the workdir: the zero-shot templates used
+_CAPTION_TEMPLATES: dict[str, list[str]] = {}  # build directory -> templates from its captions
 
 
 def batched(fn: Callable[..., Any], batch_size: int, *arrays: np.ndarray) -> np.ndarray:
@@ -137,6 +144,57 @@ class Embedder:
     return batched(fn, self.batch_size, image_tokens, text_tokens, text_mask)
 
 
+def _train_captions(data_cfg: ml_collections.ConfigDict) -> list[str]:
+  """Every caption of the built train split (records parsed, images left undecoded)."""
+  if data_cfg.train_split not in datasets.split_names(data_cfg):
+    return []
+  source = datasets.data_source(data_cfg, data_cfg.train_split, raw=True)
+  captions: list[str] = []
+  for start in range(0, len(source), 1024):
+    chunk = source.__getitems__(range(start, min(start + 1024, len(source))))
+    for features in records.parse_each(chunk):
+      captions.extend(records.texts(features, 'captions'))
+  return captions
+
+
+def _caption_templates(data_cfg: ml_collections.ConfigDict, class_names: list[str]
+                       ) -> list[str]:
+  """`zeroshot.templates_from_captions` of the train captions, once per build."""
+  key = os.fspath(datasets.get_builder(data_cfg).data_dir)
+  if key not in _CAPTION_TEMPLATES:
+    _CAPTION_TEMPLATES[key] = zeroshot.templates_from_captions(
+        _train_captions(data_cfg), class_names, zeroshot.MAX_CAPTION_TEMPLATES)
+  return _CAPTION_TEMPLATES[key]
+
+
+def prompt_templates(config: ml_collections.ConfigDict, class_names: list[str]
+                     ) -> tuple[list[str], str]:
+  """The zero-shot templates and where they come from: `eval.prompt_templates` when set
+  ('config'); else, for an image_text_folder, its train captions that name a class
+  ('captions'); else `zeroshot.PHOTO_TEMPLATES` ('photo')."""
+  if config.eval.prompt_templates:
+    return list(config.eval.prompt_templates), 'config'
+  if config.data.name == image_text_folder.NAME:
+    templates = _caption_templates(config.data, class_names)
+    if templates:
+      return templates, 'captions'
+  return list(zeroshot.PHOTO_TEMPLATES), 'photo'
+
+
+def record_prompt_templates(config: ml_collections.ConfigDict, workdir: str | None) -> None:
+  """Logs the zero-shot templates of `prompt_templates` and writes them, with their source,
+  to `workdir`/TEMPLATES_FILE (process 0); nothing when zero-shot is off or the data has no
+  class labels."""
+  class_names = datasets.class_names(config.data)
+  if not (config.eval.zeroshot and class_names):
+    return
+  templates, source = prompt_templates(config, class_names)
+  logging.info('Zero-shot prompt templates (from %s): %s', source, templates)
+  if workdir and jax.process_index() == 0:
+    with open(os.path.join(workdir, TEMPLATES_FILE), 'w') as f:
+      json.dump({'source': source, 'templates': templates}, f, indent=2)
+
+
 def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder | None, split: str,
                    class_names: list[str], generator: Any = None) -> dict[str, float]:
   """Zero-shot classification (single-object images) and retrieval on one split; with a
@@ -151,8 +209,9 @@ def evaluate_split(config: ml_collections.ConfigDict, embedder: Embedder | None,
     # Images whose label names their only object (shapes); labelled images (image_text_folder).
     single = (np.asarray(examples['num_objects']) == 1) & (np.asarray(examples['label']) >= 0)
     if single.any():
+      templates, _ = prompt_templates(config, class_names)
       class_emb = zeroshot.class_text_embeddings(
-          embedder.token_ids, embedder.tokenize, class_names, config.eval.prompt_templates)
+          embedder.token_ids, embedder.tokenize, class_names, templates)
       metrics.update(zeroshot.zeroshot_metrics(
           image_emb[single], np.asarray(examples['label'])[single], class_emb))
   if config.eval.retrieval:

@@ -1,11 +1,14 @@
-"""Zero-shot classification: class embeddings from prompt templates, and accuracy.
+"""Zero-shot classification: prompt templates from captions, class embeddings from
+templates, and accuracy.
 
 Pure functions of embeddings and two callables; no model or dataset is imported. Ties
 between classes are broken towards the lower class index, as in `jnp.argmax` and
 `jax.lax.top_k` (see `vlm_jax.eval.retrieval`).
 """
 
+import collections
 from collections.abc import Callable, Sequence
+import re
 import string
 
 import jax
@@ -16,6 +19,49 @@ from vlm_jax.eval import retrieval
 Array = retrieval.Array
 EncodeTextFn = Callable[[np.ndarray, np.ndarray], Array]
 TokenizeFn = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
+
+PHOTO_TEMPLATES = ('a photo of a {}.',)  # when a dataset's captions give no template
+MAX_CAPTION_TEMPLATES = 8  # at most this many templates are taken from captions
+
+
+def _class_pattern(class_names: Sequence[str]) -> re.Pattern:
+  """Matches any class name as whole words, case-insensitively; longer names are tried
+  first, so 'golden retriever' is one match, not also 'retriever'."""
+  names = sorted({n.strip() for n in class_names if n.strip()}, key=len, reverse=True)
+  words = [r'\s+'.join(map(re.escape, n.split())) for n in names]
+  return re.compile(r'(?<!\w)(?:' + '|'.join(words) + r')(?!\w)', re.IGNORECASE)
+
+
+def _escape_braces(text: str) -> str:
+  return text.replace('{', '{{').replace('}', '}}')
+
+
+def templates_from_captions(captions: Sequence[str], class_names: Sequence[str],
+                            max_templates: int = MAX_CAPTION_TEMPLATES) -> list[str]:
+  """Prompt templates in the wording of a dataset's own captions.
+
+  Every caption that names exactly one class once (whole words, any case; a name may span
+  several words) becomes a template with that name replaced by '{}' ('the digit seven' ->
+  'the digit {}'); captions naming no class, two classes or one class twice are ignored.
+  Literal braces are escaped, so every template formats with one class name.
+
+  Returns:
+    At most `max_templates` distinct templates, the most frequent first (ties in
+    alphabetical order); empty when no caption names a class.
+  """
+  if not any(n.strip() for n in class_names):
+    return []
+  pattern = _class_pattern(class_names)
+  counts = collections.Counter()
+  for caption in captions:
+    caption = caption.strip()
+    matches = list(pattern.finditer(caption))
+    if len(matches) != 1:
+      continue
+    start, end = matches[0].span()
+    counts[_escape_braces(caption[:start]) + '{}' + _escape_braces(caption[end:])] += 1
+  ranked = sorted(counts, key=lambda t: (-counts[t], t))
+  return ranked[:max_templates]
 
 
 def _check_template(template: str) -> None:

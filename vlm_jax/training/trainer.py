@@ -226,6 +226,7 @@ def _prepare(config: ml_collections.ConfigDict, workdir: str) -> _Prepared:
     with open(os.path.join(workdir, PARAMS_FILE), 'w') as f:
       json.dump({'total': setup.num_params, 'trainable': setup.num_trainable,
                  'frozen': setup.num_params - setup.num_trainable}, f, indent=2)
+  runner.record_prompt_templates(config, workdir)
   checkpointer = checkpointing.Checkpointer(workdir, config, training=True)
   try:
     prepared = _restore_or_init(config, setup, checkpointer, tokenizer)
