@@ -437,6 +437,19 @@ def test_zeroshot_templates_come_from_the_captions(tmp_path, caplog):
       'source': 'photo', 'templates': ['a photo of a {}.']}
 
 
+def test_digits_folder_varied_wordings_are_seeded():
+  from experiments import make_digits_folder as digits  # pylint: disable=g-import-not-at-top
+  varied = digits.caption_wordings(40, 'varied', seed=0)
+  assert varied == digits.caption_wordings(40, 'varied', seed=0)
+  assert varied != digits.caption_wordings(40, 'varied', seed=1)
+  assert all(a != b and {a, b} <= set(digits.VARIED_WORDINGS) for a, b in varied)
+  assert len({w for pair in varied for w in pair}) == len(digits.VARIED_WORDINGS)
+  assert digits.caption_wordings(2, 'fixed') == [digits.FIXED_WORDINGS] * 2
+  assert varied[0][0].format(name='seven', digit=7) in (
+      'a handwritten seven', 'the digit seven', 'a scan of the number seven',
+      'the handwritten number seven', 'a scanned digit seven', 'a seven written by hand')
+
+
 def test_symbolic_links_out_of_the_folder_are_refused(tmp_path):
   root = tmp_path / 'root'
   folder, elsewhere = root / 'photos', root / 'elsewhere'
