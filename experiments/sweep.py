@@ -232,11 +232,12 @@ def plan(config_spec: str, grid: list[str], sets: list[str], seeds: int, out: st
       if examples:
         steps = math.ceil(examples / run_config.train.batch_size)
         factor = steps / run_config.train.num_steps
-        derived = [('train.num_steps', str(steps)),
-                   ('optim.warmup_steps', str(_scaled(run_config.optim.warmup_steps, factor))),
-                   ('checkpoint.every_steps',
-                    str(_scaled(run_config.checkpoint.every_steps, factor)))]
         run_config.train.num_steps = steps
+        run_config.optim.warmup_steps = _scaled(run_config.optim.warmup_steps, factor)
+        run_config.checkpoint.every_steps = _scaled(run_config.checkpoint.every_steps, factor)
+        derived = [('train.num_steps', str(steps)),
+                   ('optim.warmup_steps', str(run_config.optim.warmup_steps)),
+                   ('checkpoint.every_steps', str(run_config.checkpoint.every_steps))]
       config_utils.check_values(run_config)  # a misspelt loss fails here, not in every run
       name = cell_name(cell)
       if names.setdefault(name, cell) != cell:
