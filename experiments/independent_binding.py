@@ -5,15 +5,18 @@ scenes, on the model of experiments/independent_grounding.py (plain flax, width 
 
   python -m experiments.independent_binding --steps=1500 --order=left_first --axes=horizontal
 
-Each step trains on 64 one-object captions 'a red circle on the [MASK]' (2-way: left/right)
-and on 64 two-object scenes, each with its true caption and the caption with its objects
-exchanged (ITM, 2-way on the first token). `--order=left_first` names the left (or upper)
+Each step trains on 64 one-object captions 'a red circle on the [MASK]' (left/right; with
+`--ground_axes=both` also 'a red circle at the [MASK]', top/bottom) and on 64 two-object
+scenes, each with its true caption and the caption with its objects exchanged (ITM, 2-way on
+the first token). `--order=left_first` names the left (or upper)
 object first ('a red circle to the left of a blue square'); `any` also uses the inverse
 wording ('a blue square to the right of a red circle'). `--axes=horizontal` keeps left/right
-scenes only; `both` adds above/below. `--captions=dataset` uses the scenes' own relational captions instead (all templates).
-`--grounding_weight=0` drops the masked place word.
-Prints the ITM accuracy on balanced true/false captions of held-out `test` scenes.
+scenes only; `both` adds above/below. `--captions=dataset` uses the scenes' own relational
+captions instead (all templates). `--grounding_weight=0` drops the masked place word.
+Prints the ITM accuracy on balanced true/false captions of held-out `test` scenes, and at the
+end that accuracy for each wording of the test captions.
 """
+import re
 import time
 
 import jax
@@ -23,7 +26,7 @@ import optax
 from absl import flags
 
 from vlm_jax import cli
-from vlm_jax.data import datasets, pipeline, shapes_text
+from vlm_jax.data import datasets, pipeline, shapes_scene, shapes_text
 
 from experiments.independent_grounding import Model  # pylint: disable=g-bad-import-order
 
@@ -37,6 +40,9 @@ _CANONICAL_STEPS = flags.DEFINE_integer('canonical_steps', 0, 'With --captions=d
                                         'train on canonical captions (any order, both axes) '
                                         'for this many steps first.')
 _GROUNDING = flags.DEFINE_float('grounding_weight', 1.0, 'Weight of the masked place word.')
+_GROUND_AXES = flags.DEFINE_enum('ground_axes', 'horizontal', ['horizontal', 'both'],
+                                  'Masked place words of one-object scenes: left/right only, '
+                                  'or top/bottom too.')
 _TRAIN_SCENES = flags.DEFINE_integer('train_scenes', 20000, 'Train scenes read.')
 ROWS = 64
 _PHRASE = {'left': 'to the left of', 'right': 'to the right of', 'above': 'above',
@@ -82,12 +88,28 @@ def pairs(examples, order: str, axes: str, rng: np.random.Generator,
   return rows
 
 
-def grounding_rows(examples):
-  """Rows of one-object scenes clearly left or right: (index, caption, 0=left/1=right)."""
+_OBJECT = re.compile(r'\b(?:(?:small|large) )?(?:' + '|'.join(shapes_scene.COLORS) + r') (?:'
+                     + '|'.join(shapes_scene.SHAPES) + r')\b')
+_PLACE = re.compile(r'\b(left|right|top|bottom|above|below)\b')
+
+
+def wording(caption: str) -> str:
+  """The caption's template: 'a red circle to the left of a blue square' -> 'a OBJ to the
+  PLACE of a OBJ'."""
+  return _PLACE.sub('PLACE', _OBJECT.sub('OBJ', caption))
+
+
+def grounding_rows(examples, axes: str):
+  """Rows of one-object scenes clearly left or right (and, with `axes='both'`, clearly at the
+  top or bottom): (index, caption, 0=left/1=right/2=top/3=bottom)."""
   rows = []
   for i, objs in enumerate(examples['objects']):
-    if len(objs) == 1 and abs(objs[0]['x'] - 0.5) > 0.1:
+    if len(objs) != 1:
+      continue
+    if abs(objs[0]['x'] - 0.5) > 0.1:
       rows.append((i, f'a {_name(objs[0])} on the [MASK]', int(objs[0]['x'] > 0.5)))
+    if axes == 'both' and abs(objs[0]['y'] - 0.5) > 0.1:
+      rows.append((i, f'a {_name(objs[0])} at the [MASK]', 2 + int(objs[0]['y'] > 0.5)))
   return rows
 
 
@@ -103,7 +125,7 @@ def main(argv):
   train_pairs = pairs(train, _ORDER.value, _AXES.value, rng, _CAPTIONS.value)
   test_pairs = pairs(test, _ORDER.value, _AXES.value, rng, _CAPTIONS.value)
   first_pairs = pairs(train, 'any', 'both', rng) if _CANONICAL_STEPS.value else train_pairs
-  ground = grounding_rows(train)
+  ground = grounding_rows(train, _GROUND_AXES.value)
   length = config.data.max_text_len
 
   def encode(texts):
@@ -116,7 +138,8 @@ def main(argv):
     @nn.compact
     def __call__(self, images, ids, mask):  # -> ITM logits [B, 2], place logits [B, L, 2]
       features = Model(tok.vocab_size, 8)(images, ids, mask)  # [B, L, V]
-      return nn.Dense(2)(features[:, 0]), nn.Dense(2)(features)
+      places = 4 if _GROUND_AXES.value == 'both' else 2
+      return nn.Dense(2)(features[:, 0]), nn.Dense(places)(features)
 
   model = Heads()
   ids, mask, _ = encode(['a red circle on the [MASK]'] * 2)
@@ -145,13 +168,17 @@ def main(argv):
     logits, _ = model.apply(params, images, ids, mask)
     return logits[:, 1] - logits[:, 0]
 
-  def evaluate(params):
+  def correct(params) -> np.ndarray:
+    """[2, P]: whether each test pair's true caption is accepted and its false one refused."""
     index = np.array([r[0] for r in test_pairs])
     true_ids, true_mask, _ = encode([r[1] for r in test_pairs])
     false_ids, false_mask, _ = encode([r[2] for r in test_pairs])
     true = itm_scores(params, test['image'][index], true_ids, true_mask)
     false = itm_scores(params, test['image'][index], false_ids, false_mask)
-    return float(((true > 0).mean() + (false <= 0).mean()) / 2)
+    return np.stack([np.asarray(true) > 0, np.asarray(false) <= 0])
+
+  def evaluate(params):
+    return float(correct(params).mean())
 
   print(f'{len(train_pairs)} train pairs, {len(test_pairs)} test pairs, {len(ground)} '
         f'grounding rows', flush=True)
@@ -172,6 +199,11 @@ def main(argv):
       print(f'step {k}: itm loss {float(itm):.3f}, place loss {float(grounding):.3f}, '
             f'held-out itm accuracy {evaluate(params):.3f} ({time.time() - start:.0f} s)',
             flush=True)
+  by_wording = correct(params).mean(0)  # [P]
+  wordings = [wording(r[1]) for r in test_pairs]
+  for w in sorted(set(wordings)):
+    rows = [i for i, x in enumerate(wordings) if x == w]
+    print(f'{by_wording[rows].mean():.3f} on {len(rows):4d} test pairs worded {w!r}')
 
 
 if __name__ == '__main__':
