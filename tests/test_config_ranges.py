@@ -16,8 +16,16 @@ from run_configs import REPO  # pylint: disable=g-bad-import-order
 
 TINY = 'configs/clip_shapes.py:tiny'
 
+# Keys every transformer tower has: (name, an accepted value, a rejected value).
+_TOWER_KEYS = [('depth', 1, 0), ('num_heads', 1, 0), ('mlp_dim', 1, 0)]
+
 # (key, an accepted value, a rejected value); sentinels (-1, 0 with a meaning) are accepted.
 VALUES = [
+    *[(f'model.{tower}.{key}', ok, bad) for tower in ('image', 'text', 'fusion')
+      for key, ok, bad in _TOWER_KEYS],
+    ('model.image.width', 64, 0),
+    ('model.text.width', 64, 0),
+    ('model.fusion.width', 0, -1),  # 0: the text width
     ('seed', 7, -1),
     ('data.image_size', 1, 0),
     ('data.max_text_len', 2, 1),
@@ -34,10 +42,6 @@ VALUES = [
     ('data.split_seed', 3, -2),
     ('model.embed_dim', 16, 0),
     ('model.image.patch_size', 4, 0),
-    ('model.image.width', 64, 0),
-    ('model.image.depth', 1, 0),
-    ('model.image.num_heads', 1, 0),
-    ('model.image.mlp_dim', 1, 0),
     ('model.image.ln_eps', 1e-6, 0.0),
     ('model.image.dropout', 0.5, 1.0),
     ('model.image.posemb_grid', 0, -1),
@@ -45,18 +49,10 @@ VALUES = [
     ('model.image.layers', (1, 2), (1, 0)),
     ('model.image.norm_groups', 1, 0),
     ('model.text.vocab_size', 0, -1),
-    ('model.text.width', 64, 0),
-    ('model.text.depth', 1, 0),
-    ('model.text.num_heads', 1, 0),
-    ('model.text.mlp_dim', 1, 0),
     ('model.text.ln_eps', 1e-12, -1e-5),
     ('model.text.dropout', 0.0, -0.1),
     ('model.text.max_len', 0, -1),
     ('model.text.type_vocab_size', 0, -1),
-    ('model.fusion.width', 0, -1),
-    ('model.fusion.depth', 1, 0),
-    ('model.fusion.num_heads', 1, 0),
-    ('model.fusion.mlp_dim', 1, 0),
     ('model.fusion.dropout', 0.1, 1.5),
     ('model.fusion.ln_eps', 1e-6, 0.0),
     ('model.fusion.every', 2, 0),

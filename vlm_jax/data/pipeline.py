@@ -72,14 +72,20 @@ def _example_ids(batch_index: int, *, batch_size: int, num_examples: int,
   return ids
 
 
+def _read_records(source: Sequence[bytes], ids: list[int]) -> list[bytes]:
+  """The records `ids` of `source`, in one batched read where the source has one."""
+  if hasattr(source, '__getitems__'):
+    return source.__getitems__(ids)
+  return [source[i] for i in ids]
+
+
 def simple_example_ids(source: Sequence[bytes], max_objects: int) -> np.ndarray:
   """The indices of the examples of `source` with at most `max_objects` objects (an example
   without `num_objects` counts as one), read in chunks."""
   ids, chunk = [], 4096
   for start in range(0, len(source), chunk):
     index = list(range(start, min(start + chunk, len(source))))
-    raw = source.__getitems__(index) if hasattr(source, '__getitems__') else [
-        source[i] for i in index]
+    raw = _read_records(source, index)
     ids += [i for i, features in zip(index, records.parse_each(raw))
             if records.integer(features, 'num_objects', default=1) <= max_objects]
   return np.asarray(ids, np.int64)
@@ -126,10 +132,7 @@ def _read_batch(batch_index: int, example_ids: np.ndarray, *, source: Sequence[b
   size = len(example_ids)
   ids = [int(i) for i in example_ids]
   drop_below = int(data_cfg.drop_color_prob * 2.0**64)
-  if hasattr(source, '__getitems__'):
-    records_ = source.__getitems__(ids)  # one batched read
-  else:
-    records_ = [source[i] for i in ids]
+  records_ = _read_records(source, ids)
   # The config's fields, read once (a ConfigDict lookup costs about 1 us).
   drop_color, with_negatives, with_vqa, with_labels, flip = (
       data_cfg.drop_color_prob, data_cfg.hard_negatives, data_cfg.vqa, data_cfg.labels,
